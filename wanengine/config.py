@@ -1,0 +1,183 @@
+"""Configuration as data: what the engine is built with (`EngineConfig`) and what one video
+is generated with (`GenerationOptions`). Both are frozen dataclasses whose `validate()`
+raises one `ConfigError` line naming the option (and its CLI flag) and what is wrong.
+Defaults come from the reference release's `constants.json` (via `wanengine.constants`).
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, replace
+from typing import Optional, Sequence, Tuple, Union
+
+from .constants import constants, defaults
+from .errors import ConfigError
+
+DTYPES = ("float32", "bfloat16", "float16")
+SOLVERS = ("unipc", "dpm++")
+KERNEL_BACKENDS = ("auto", "reference", "cuda", "npu")
+VAE_STRIDE = (4, 8, 8)
+PATCH = (1, 2, 2)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the engine is built: checkpoint, device, precision, kernels, memory and parallel layout.
+
+    Args:
+        ckpt_dir: the released Wan2.2-I2V-A14B checkpoint directory.
+        device: "cpu", "cuda", "cuda:1", "npu", ... or None for npu > cuda > cpu.
+        dtype: run dtype of the DiT experts (and T5); "float32" reproduces the reference on CPU.
+        kernel_backend: "auto", "reference", "cuda" or "npu" (see `wanengine.kernels`).
+        offload_model: keep only the active expert on the device (None: on for a single accelerator).
+        t5_cpu: run the text encoder on the CPU.
+        vae_dtype: VAE precision (the reference uses float32).
+        vae_tile_rows: decode in exact horizontal bands of this many latent rows (None: untiled).
+        cfg_batch: evaluate the conditional and unconditional branches as one batch of 2.
+        ulysses_size, cfg_size, dit_fsdp, t5_fsdp, vae_parallel: multi-card layout (torchrun).
+        progress: show the step bar and the stage table.
+    """
+
+    ckpt_dir: str
+    device: Optional[str] = None
+    dtype: str = "bfloat16"
+    kernel_backend: str = "auto"
+    offload_model: Optional[bool] = None
+    t5_cpu: bool = False
+    vae_dtype: str = "float32"
+    vae_tile_rows: Optional[int] = None
+    cfg_batch: bool = True
+    ulysses_size: int = 1
+    cfg_size: int = 1
+    dit_fsdp: bool = False
+    t5_fsdp: bool = False
+    vae_parallel: bool = False
+    progress: bool = True
+
+    def validate(self) -> "EngineConfig":
+        if not self.ckpt_dir:
+            raise ConfigError("ckpt_dir (--ckpt-dir): no checkpoint directory given")
+        for name in ("dtype", "vae_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ConfigError(f"{name} (--{name.replace('_', '-')}): {getattr(self, name)!r} is not one of {', '.join(DTYPES)}")
+        if self.kernel_backend not in KERNEL_BACKENDS:
+            raise ConfigError(f"kernel_backend (--kernel-backend): {self.kernel_backend!r} is not one of {', '.join(KERNEL_BACKENDS)}")
+        if self.device is not None and not re.fullmatch(r"(cpu|cuda|npu)(:\d+)?", self.device):
+            raise ConfigError(f"device (--device): {self.device!r} is not cpu, cuda[:N] or npu[:N]")
+        for name in ("ulysses_size", "cfg_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} (--{name.replace('_', '-')}): must be >= 1, got {getattr(self, name)}")
+        if self.cfg_size not in (1, 2):
+            raise ConfigError(f"cfg_size (--cfg-size): must be 1 or 2 (two guidance branches), got {self.cfg_size}")
+        if self.vae_tile_rows is not None and self.vae_tile_rows < 1:
+            raise ConfigError(f"vae_tile_rows: must be >= 1, got {self.vae_tile_rows}")
+        return self
+
+    @property
+    def world_size(self) -> int:
+        return self.ulysses_size * self.cfg_size
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1 or self.dit_fsdp or self.t5_fsdp or self.vae_parallel
+
+
+def parse_size(size: str) -> Tuple[int, int]:
+    """'W*H' (also 'WxH') -> (W, H), or a ConfigError naming --size."""
+    match = re.fullmatch(r"\s*(\d+)\s*[*xX]\s*(\d+)\s*", size or "")
+    if not match:
+        raise ConfigError(f"--size: {size!r} is not of the form W*H (e.g. 1280*720 or 832*480)")
+    width, height = int(match.group(1)), int(match.group(2))
+    if width <= 0 or height <= 0:
+        raise ConfigError(f"--size: {size!r} must have a positive width and height")
+    return width, height
+
+
+def parse_guide_scale(value: Union[float, str, Sequence[float]]) -> Tuple[float, float]:
+    """One number (both experts) or 'LOW,HIGH' / (low_noise, high_noise) -> (low, high)."""
+    if isinstance(value, str):
+        parts = [p for p in re.split(r"[,\s]+", value.strip()) if p]
+        try:
+            numbers = [float(p) for p in parts]
+        except ValueError:
+            raise ConfigError(f"--guide-scale: {value!r} is not a number or LOW,HIGH pair") from None
+    elif isinstance(value, (int, float)):
+        numbers = [float(value)]
+    else:
+        numbers = [float(v) for v in value]
+    if len(numbers) == 1:
+        numbers = numbers * 2
+    if len(numbers) != 2:
+        raise ConfigError(f"--guide-scale: give one value or LOW,HIGH, got {value!r}")
+    if not all(math.isfinite(n) for n in numbers):
+        raise ConfigError(f"--guide-scale: guidance must be finite, got {value!r}")
+    return numbers[0], numbers[1]
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """What one image-to-video call asks for; defaults are the reference release's."""
+
+    prompt: str
+    negative_prompt: Optional[str] = None
+    size: Optional[str] = None
+    max_area: Optional[int] = None
+    frame_num: int = field(default_factory=lambda: defaults()["frame_num"])
+    steps: int = field(default_factory=lambda: defaults()["sample_steps"])
+    shift: float = field(default_factory=lambda: defaults()["sample_shift"])
+    solver: str = field(default_factory=lambda: defaults()["solver"])
+    guide_scale: Union[float, str, Tuple[float, float]] = (3.5, 3.5)
+    seed: int = -1
+
+    def validate(self) -> "GenerationOptions":
+        if not isinstance(self.prompt, str):
+            raise ConfigError("prompt (--prompt): must be a string")
+        if self.size is not None:
+            parse_size(self.size)
+        if self.max_area is not None and self.max_area <= 0:
+            raise ConfigError(f"--max-area: must be positive, got {self.max_area}")
+        if self.frame_num < 1 or (self.frame_num - 1) % 4 != 0:
+            raise ConfigError(f"--frame-num: {self.frame_num} is not of the form 4n+1 (e.g. 81, 49, 17, 5, 1)")
+        if self.steps < 1:
+            raise ConfigError(f"--sample-steps: must be >= 1, got {self.steps}")
+        if not (math.isfinite(self.shift) and self.shift > 0):
+            raise ConfigError(f"--sample-shift: must be a positive number, got {self.shift}")
+        if self.solver not in SOLVERS:
+            raise ConfigError(f"--sample-solver: unknown solver {self.solver!r}; choose unipc or dpm++")
+        parse_guide_scale(self.guide_scale)
+        return self
+
+    @property
+    def resolved_max_area(self) -> int:
+        """--max-area wins; else W*H of --size; else the 1280*720 default area."""
+        if self.max_area is not None:
+            return int(self.max_area)
+        if self.size is not None:
+            width, height = parse_size(self.size)
+            return width * height
+        return int(constants()["max_area"]["1280*720"])
+
+    @property
+    def guidance(self) -> Tuple[float, float]:
+        """(low_noise, high_noise) guidance scales."""
+        return parse_guide_scale(self.guide_scale)
+
+    @property
+    def resolved_negative_prompt(self) -> str:
+        return self.negative_prompt or constants()["negative_prompt_default"]
+
+    def with_seed(self, seed: int) -> "GenerationOptions":
+        return replace(self, seed=seed)
+
+
+def latent_grid(image_height: int, image_width: int, max_area: int, frame_num: int) -> Tuple[int, int, int]:
+    """(latent frames F', lat_h, lat_w) following the image's aspect within max_area (spec
+    pipeline.md 1.); raises ConfigError if the area leaves no latent row or column."""
+    aspect = image_height / image_width
+    lat_h = round(math.floor(math.floor(math.sqrt(max_area * aspect) / VAE_STRIDE[1]) / PATCH[1]) * PATCH[1])
+    lat_w = round(math.floor(math.floor(math.sqrt(max_area / aspect) / VAE_STRIDE[2]) / PATCH[2]) * PATCH[2])
+    if lat_h < PATCH[1] or lat_w < PATCH[2]:
+        raise ConfigError(
+            f"--max-area: {max_area} is too small for a {image_width}x{image_height} image "
+            f"(gives a {lat_w * 8}x{lat_h * 8} frame; needs at least 16x16 pixels of output)")
+    return (frame_num - 1) // VAE_STRIDE[0] + 1, lat_h, lat_w

@@ -1,0 +1,59 @@
+"""Device and dtype resolution shared by the engine and the CLI."""
+from __future__ import annotations
+
+import importlib.util
+from typing import Callable, Optional
+
+import torch
+
+from .errors import ConfigError
+
+DTYPE_BY_NAME = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def npu_available() -> bool:
+    if importlib.util.find_spec("torch_npu") is None:
+        return False
+    import torch_npu  # noqa: F401  (registers torch.npu)
+
+    return bool(getattr(torch, "npu", None) and torch.npu.is_available())
+
+
+def resolve_device(name: Optional[str]) -> torch.device:
+    """None -> npu if available, else cuda if available, else cpu; a named accelerator that is
+    not available is a ConfigError."""
+    if name is None:
+        if npu_available():
+            return torch.device("npu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine")
+    if device.type == "npu" and not npu_available():
+        raise ConfigError(f"--device {name}: no Ascend NPU (torch_npu) is available on this machine")
+    return device
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPE_BY_NAME[name]
+    except KeyError:
+        raise ConfigError(f"--dtype: {name!r} is not one of {', '.join(DTYPE_BY_NAME)}") from None
+
+
+def synchronizer(device: torch.device) -> Optional[Callable[[], None]]:
+    """A function that waits for queued work on `device` (None on the CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.synchronize
+    if device.type == "npu":
+        return torch.npu.synchronize  # type: ignore[attr-defined]
+    return None
+
+
+def empty_cache(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif device.type == "npu":
+        torch.npu.empty_cache()  # type: ignore[attr-defined]
