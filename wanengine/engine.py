@@ -1,0 +1,161 @@
+"""`Engine(cfg).i2v(image, prompt)`: loads the components of a released checkpoint once and
+runs the image-to-video pipeline, returning a `Video`.
+
+Order of work: validate the configuration and preflight the checkpoint (no weights read),
+then load tokenizer, UMT5, VAE and both experts exactly once, streaming each tensor to its
+device and dtype.
+"""
+from __future__ import annotations
+
+import random
+import sys
+from dataclasses import asdict
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
+
+import torch
+
+from . import __version__, kernels
+from .config import EngineConfig, GenerationOptions, latent_grid
+from .device import resolve_device, resolve_dtype, synchronizer
+from .experts import ExpertSwitcher
+from .io.checkpoint import EXPERTS, preflight_checkpoint
+from .io.image import ImageLike, image_to_tensor, open_image
+from .io.video import Video
+from .pipeline import (HIGH, StepInfo, batched_cfg, conditioning_video, denoise, first_frame_mask, initial_noise,
+                       seq_len_for, sequential_cfg)
+from .progress import StepProgress
+from .schedulers import make_sampler
+from .timing import StageTimer
+
+
+class Engine:
+    """The Wan2.2-I2V-A14B image-to-video engine.
+
+    Example:
+        >>> engine = Engine(EngineConfig(ckpt_dir="Wan2.2-I2V-A14B"))
+        >>> video = engine.i2v("cat.jpg", "a cat surfing", frame_num=81)
+        >>> video.save("cat.mp4")
+    """
+
+    def __init__(self, cfg: EngineConfig) -> None:
+        self.cfg = cfg.validate()
+        self.device = resolve_device(cfg.device)
+        self.dtype = resolve_dtype(cfg.dtype)
+        self.vae_dtype = resolve_dtype(cfg.vae_dtype)
+        self.layout = preflight_checkpoint(cfg.ckpt_dir)
+        self.kernel_backend = kernels.configure(cfg.kernel_backend, self.device)
+        self.offload = cfg.offload_model if cfg.offload_model is not None else self.device.type != "cpu"
+        self.load_timer = StageTimer(synchronizer(self.device))
+        self._load()
+
+    # ------------------------------------------------------------------ loading
+    def _load(self) -> None:
+        from .models import load_dit, load_t5, load_tokenizer, load_vae
+
+        host = torch.device("cpu")
+        with self.load_timer.stage("load"):
+            self.tokenizer = load_tokenizer(self.layout.root)
+            self.t5_home = host if (self.cfg.t5_cpu or self.offload) else self.device
+            self.t5 = load_t5(self.layout.t5, device=self.t5_home, dtype=self.dtype)
+            self.vae = load_vae(self.layout.vae, device=self.device, dtype=self.vae_dtype)
+            expert_home = host if self.offload else self.device
+            experts = {name: load_dit(self.layout.expert(name), device=expert_home, dtype=self.dtype) for name in EXPERTS}
+            self.experts = ExpertSwitcher(experts, self.device, self.offload)
+
+    # ------------------------------------------------------------------ stages
+    def encode_text(self, prompts: Sequence[str]) -> Tuple[torch.Tensor, ...]:
+        """Prompts -> per-prompt UMT5 rows `[n_i, 4096]` on the run device."""
+        t5_device = host = torch.device("cpu")
+        if not self.cfg.t5_cpu:
+            t5_device = self.device
+        ids, mask = self.tokenizer(list(prompts))
+        if self.t5_home != t5_device:
+            self.t5.to(t5_device)
+        with torch.no_grad():
+            rows = self.t5.encode(ids.to(t5_device), mask.to(t5_device))
+        if self.t5_home != t5_device:
+            self.t5.to(host)  # T5 leaves the accelerator once the prompts are encoded
+        return tuple(r.to(self.device) for r in rows)
+
+    def encode_image(self, image: torch.Tensor, frames: int, lat_h: int, lat_w: int, frame_num: int) -> torch.Tensor:
+        """`[3, H0, W0]` in [-1, 1] -> conditioning `y [20, F', lat_h, lat_w]` (mask + VAE latent)."""
+        video = conditioning_video(image.to(self.device), 8 * lat_h, 8 * lat_w, frame_num)
+        with torch.no_grad():
+            latent = self.vae.encode(video.to(self.vae_dtype)).float()
+        return torch.cat([first_frame_mask(frames, lat_h, lat_w, self.device), latent], dim=0)
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.vae.decode(latent.to(self.vae_dtype), tile_rows=self.cfg.vae_tile_rows).float()
+
+    # ------------------------------------------------------------------ the job
+    def i2v(
+        self,
+        image: ImageLike,
+        prompt: str,
+        negative_prompt: Optional[str] = None,
+        size: Optional[str] = None,
+        max_area: Optional[int] = None,
+        frame_num: int = 81,
+        steps: int = 40,
+        shift: float = 5.0,
+        solver: str = "unipc",
+        guide_scale: Union[float, str, Tuple[float, float]] = (3.5, 3.5),
+        seed: int = -1,
+        *,
+        on_step=None,
+    ) -> Video:
+        """Generate a video from `image` and `prompt`; see `GenerationOptions` for the options.
+        `guide_scale` is one float or (low_noise, high_noise); `seed < 0` draws one."""
+        opts = GenerationOptions(prompt=prompt, negative_prompt=negative_prompt, size=size, max_area=max_area,
+                                 frame_num=frame_num, steps=steps, shift=shift, solver=solver,
+                                 guide_scale=guide_scale, seed=seed).validate()
+        return self.generate(open_image(image), opts, on_step=on_step)
+
+    def generate(self, image, opts: GenerationOptions, *, on_step=None) -> Video:
+        """`i2v` on an already opened RGB PIL image and validated options."""
+        timer = StageTimer(synchronizer(self.device))
+        frames, lat_h, lat_w = latent_grid(image.height, image.width, opts.resolved_max_area, opts.frame_num)
+        seed = opts.seed if opts.seed >= 0 else self.draw_seed()
+        with timer.stage("text encode"):
+            contexts = self.encode_text([opts.prompt, opts.resolved_negative_prompt])
+        with timer.stage("VAE encode"):
+            y = self.encode_image(image_to_tensor(image), frames, lat_h, lat_w, opts.frame_num)
+        sampler = make_sampler(opts.solver, opts.steps, opts.shift, device=self.device)
+        noise = initial_noise(seed, (16, frames, lat_h, lat_w), self.device)
+        progress = StepProgress(len(sampler.timesteps), enabled=self.cfg.progress)
+
+        def step_done(info: StepInfo, latent: torch.Tensor) -> None:
+            progress.update(info)
+            if on_step is not None:
+                on_step(info, latent)
+
+        with timer.stage("denoise"), progress:
+            latent = denoise(get_expert=self.experts.get, sampler=sampler, latent=noise, y=y, contexts=contexts,
+                             seq_len=self.seq_len(noise.shape), guide_scale=opts.guidance,
+                             guidance=self.guidance(), on_step=step_done)
+        with timer.stage("VAE decode"):
+            video = self.decode(latent)
+        metadata = self.metadata(opts, seed, timer)
+        return Video(tensor=video.cpu(), latent=latent.float().cpu(), fps=16, seed=seed, metadata=metadata)
+
+    # ------------------------------------------------------------------ hooks for parallel runs
+    def seq_len(self, latent_shape) -> int:
+        return seq_len_for(latent_shape, self.cfg.ulysses_size)
+
+    def guidance(self):
+        return batched_cfg if self.cfg.cfg_batch else sequential_cfg
+
+    def draw_seed(self) -> int:
+        return random.randint(0, 2**31 - 1)
+
+    def metadata(self, opts: GenerationOptions, seed: int, timer: StageTimer) -> Dict[str, Any]:
+        return {
+            "settings": {**asdict(opts.with_seed(seed)), "guide_scale": list(opts.guidance)},
+            "engine": {k: v for k, v in asdict(self.cfg).items() if k != "progress"},
+            "kernel_backend": self.kernel_backend,
+            "device": str(self.device),
+            "timings_s": {"load": round(self.load_timer.total, 4),
+                          **{k: round(v, 4) for k, v in timer.seconds.items()}},
+            "versions": {"wanengine": __version__, "torch": torch.__version__, "python": sys.version.split()[0]},
+        }

@@ -1,0 +1,146 @@
+"""The image-to-video denoising pipeline of `spec/pipeline.md`, as plain functions.
+
+It knows nothing about loading or devices beyond the tensors it is handed: the engine
+passes an expert provider (which may swap experts between host and device), a guidance
+strategy (batched CFG, sequential CFG, or the CFG-parallel one from `wanengine.parallel`)
+and a sampler.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Protocol, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .constants import defaults
+from .errors import NumericalError
+
+HIGH, LOW = "high_noise_model", "low_noise_model"
+
+
+def boundary_timestep() -> float:
+    """Timesteps >= this use the high-noise expert (0.9 * 1000 = 900)."""
+    d = defaults()
+    return d["boundary"] * d["num_train_timesteps"]
+
+
+def expert_for(t: int) -> str:
+    return HIGH if t >= boundary_timestep() else LOW
+
+
+def seq_len_for(latent_shape: Sequence[int], sp_size: int = 1) -> int:
+    """DiT tokens of a `[C, F', h, w]` latent, rounded up to a multiple of the sequence-parallel degree."""
+    _, frames, lat_h, lat_w = latent_shape
+    tokens = frames * (lat_h // 2) * (lat_w // 2)
+    return int(math.ceil(tokens / sp_size) * sp_size)
+
+
+def conditioning_video(image: torch.Tensor, height: int, width: int, frame_num: int) -> torch.Tensor:
+    """`[3, H0, W0]` in [-1, 1] -> `[3, F, h, w]`: bicubic resize (float32, align_corners=False,
+    no antialias, not clamped) as frame 0, then F-1 zero frames."""
+    resized = F.interpolate(image[None].float(), size=(height, width), mode="bicubic", align_corners=False)[0]
+    video = torch.zeros(3, frame_num, height, width, dtype=torch.float32, device=image.device)
+    video[:, 0] = resized
+    return video
+
+
+def first_frame_mask(frames: int, lat_h: int, lat_w: int, device: torch.device) -> torch.Tensor:
+    """`[4, F', lat_h, lat_w]`: ones at latent frame 0 (the given image), zeros elsewhere."""
+    mask = torch.zeros(4, frames, lat_h, lat_w, dtype=torch.float32, device=device)
+    mask[:, 0] = 1.0
+    return mask
+
+
+def initial_noise(seed: int, shape: Sequence[int], device: torch.device) -> torch.Tensor:
+    """Gaussian noise from a generator on the run device seeded with `seed` (bit-exact with the
+    reference on CPU for the same seed)."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return torch.randn(*shape, dtype=torch.float32, generator=generator, device=device)
+
+
+class Expert(Protocol):
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, context, y: torch.Tensor, seq_len: int) -> torch.Tensor: ...
+
+
+class Guidance(Protocol):
+    """Computes the guided flow `uncond + g * (cond - uncond)` for one step."""
+
+    def __call__(self, expert: Expert, latent: torch.Tensor, t: int, contexts: Tuple[torch.Tensor, torch.Tensor],
+                 y: torch.Tensor, seq_len: int, scale: float) -> torch.Tensor: ...
+
+
+def _timestep(t: int, batch: int, device: torch.device) -> torch.Tensor:
+    return torch.full((batch,), t, dtype=torch.float32, device=device)
+
+
+def batched_cfg(expert: Expert, latent: torch.Tensor, t: int, contexts: Tuple[torch.Tensor, torch.Tensor],
+                y: torch.Tensor, seq_len: int, scale: float) -> torch.Tensor:
+    """Both branches as one batch of 2: the expert's weights are read once per step."""
+    out = expert(torch.stack([latent, latent]), _timestep(t, 2, latent.device), list(contexts),
+                 torch.stack([y, y]), seq_len)
+    cond, uncond = out[0], out[1]
+    return uncond + scale * (cond - uncond)
+
+
+def sequential_cfg(expert: Expert, latent: torch.Tensor, t: int, contexts: Tuple[torch.Tensor, torch.Tensor],
+                   y: torch.Tensor, seq_len: int, scale: float) -> torch.Tensor:
+    """The two branches one after the other (half the activation memory of `batched_cfg`)."""
+    timestep = _timestep(t, 1, latent.device)
+    cond = expert(latent[None], timestep, [contexts[0]], y[None], seq_len)[0]
+    uncond = expert(latent[None], timestep, [contexts[1]], y[None], seq_len)[0]
+    return uncond + scale * (cond - uncond)
+
+
+@dataclass
+class StepInfo:
+    index: int
+    timestep: int
+    expert: str
+
+
+def denoise(
+    *,
+    get_expert: Callable[[str], Expert],
+    sampler,
+    latent: torch.Tensor,
+    y: torch.Tensor,
+    contexts: Tuple[torch.Tensor, torch.Tensor],
+    seq_len: int,
+    guide_scale: Tuple[float, float],
+    guidance: Guidance = batched_cfg,
+    on_step: Optional[Callable[[StepInfo, torch.Tensor], None]] = None,
+) -> torch.Tensor:
+    """Run the sampler from `latent` (noise) to the final latent.
+
+    `guide_scale` is (low_noise, high_noise). Every latent is checked for NaN/Inf; on the CPU
+    right away, on an accelerator through per-step flags read once at the end, so the loop
+    never waits on the device except to read the (host-side) timesteps.
+    """
+    timesteps: List[int] = [int(t) for t in sampler.timesteps.tolist()]
+    nonfinite = torch.zeros(len(timesteps), dtype=torch.bool, device=latent.device)
+    immediate = latent.device.type == "cpu"
+    for index, t in enumerate(timesteps):
+        name = expert_for(t)
+        scale = guide_scale[1] if name == HIGH else guide_scale[0]
+        with torch.no_grad():
+            flow = guidance(get_expert(name), latent, t, contexts, y, seq_len, scale)
+            latent = sampler.step(flow, t, latent)
+        nonfinite[index] = ~torch.isfinite(latent).all()
+        info = StepInfo(index, t, name)
+        if immediate and bool(nonfinite[index]):
+            _raise_nonfinite(info, len(timesteps))
+        if on_step is not None:
+            on_step(info, latent)
+    if not immediate and bool(nonfinite.any()):
+        first = int(nonfinite.nonzero()[0, 0])
+        _raise_nonfinite(StepInfo(first, timesteps[first], expert_for(timesteps[first])), len(timesteps))
+    return latent
+
+
+def _raise_nonfinite(info: StepInfo, steps: int) -> None:
+    raise NumericalError(
+        f"non-finite values (NaN/Inf) in the latent after step {info.index + 1}/{steps} "
+        f"(timestep {info.timestep}, expert {info.expert}); try --dtype float32 or bfloat16 instead of float16")

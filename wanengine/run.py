@@ -1,0 +1,113 @@
+"""One CLI generation, split into a preflight that reads no weights and the run itself.
+
+`preflight_run` checks every option, the checkpoint layout, the image, the output path and
+the parallel layout in well under two seconds; only then does `run_i2v` load tens of GB.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Optional
+
+from .config import EngineConfig, GenerationOptions, latent_grid
+from .errors import ConfigError
+from .io.checkpoint import EXPERTS, preflight_checkpoint, read_expert_config
+from .io.image import open_image
+from .io.video import check_output_path
+
+
+@dataclass
+class RunPlan:
+    cfg: EngineConfig
+    opts: GenerationOptions
+    image: object  # an opened RGB PIL image
+    out: Path
+    metrics_json: Optional[Path]
+    frame_size: tuple  # (width, height)
+
+
+def check_parallel_layout(cfg: EngineConfig, num_heads: int) -> None:
+    """world size == cfg_size * ulysses_size, heads divisible, and actually launched by torchrun."""
+    if cfg.ulysses_size > 1 and num_heads % cfg.ulysses_size != 0:
+        raise ConfigError(f"--ulysses-size {cfg.ulysses_size}: must divide the {num_heads} attention heads")
+    if not cfg.distributed:
+        return
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if not launched:
+        raise ConfigError(f"--ulysses-size {cfg.ulysses_size} --cfg-size {cfg.cfg_size}: multi-card runs need "
+                          f"torchrun, e.g. torchrun --nproc_per_node={cfg.world_size} -m wanengine.cli i2v ...")
+    if world != cfg.world_size:
+        raise ConfigError(f"--ulysses-size {cfg.ulysses_size} x --cfg-size {cfg.cfg_size} = {cfg.world_size} ranks, "
+                          f"but torchrun started {world}; they must be equal")
+
+
+def default_output_name(opts: GenerationOptions, frame_size: tuple) -> Path:
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", opts.prompt).strip("_")[:40] or "video"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path(f"i2v-A14B_{frame_size[0]}x{frame_size[1]}_{opts.frame_num}f_seed{opts.seed}_{slug}_{stamp}.mp4")
+
+
+def preflight_run(cfg: EngineConfig, opts: GenerationOptions, image_path, out: Optional[Path],
+                  metrics_json: Optional[Path]) -> RunPlan:
+    """Validate everything a run needs, without reading any weight; returns the plan."""
+    cfg.validate()
+    opts.validate()
+    layout = preflight_checkpoint(cfg.ckpt_dir)
+    num_heads = int(read_expert_config(layout.expert(EXPERTS[0])).get("num_heads", 40))
+    check_parallel_layout(cfg, num_heads)
+    image = open_image(image_path)
+    _, lat_h, lat_w = latent_grid(image.height, image.width, opts.resolved_max_area, opts.frame_num)
+    if opts.seed < 0:  # draw now so the file name, the log and the metadata agree
+        opts = opts.with_seed(random.randint(0, 2**31 - 1))
+    frame_size = (8 * lat_w, 8 * lat_h)
+    out = check_output_path(out if out is not None else default_output_name(opts, frame_size))
+    if metrics_json is not None:
+        parent = metrics_json.parent if str(metrics_json.parent) else Path(".")
+        if not parent.is_dir():
+            raise ConfigError(f"--metrics-json: {metrics_json}: directory {parent} does not exist")
+    return RunPlan(cfg, opts, image, out, metrics_json, frame_size)
+
+
+def run_i2v(plan: RunPlan, say: Callable[..., None] = print) -> Path:
+    """Load, generate, write; print the seed, the output and the stage table."""
+    from .engine import Engine
+    from .parallel import is_writer, make_engine
+
+    width, height = plan.frame_size
+    say(f"i2v: {width}x{height}, {plan.opts.frame_num} frames, {plan.opts.steps} {plan.opts.solver} steps, "
+        f"seed {plan.opts.seed}")
+    engine = make_engine(plan.cfg) if plan.cfg.distributed else Engine(plan.cfg)
+    video = engine.generate(plan.image, plan.opts)
+    write_start = time.perf_counter()
+    if is_writer():
+        video.save(plan.out)
+        write_seconds = time.perf_counter() - write_start
+        video.metadata["timings_s"]["write"] = round(write_seconds, 4)
+        say(f"wrote {plan.out} ({video.num_frames} frames, seed {video.seed})")
+        if plan.cfg.progress:
+            say(stage_table(video.metadata["timings_s"]))
+        if plan.metrics_json is not None:
+            write_metrics(plan.metrics_json, video.metadata, plan.out)
+    return plan.out
+
+
+def stage_table(timings: dict) -> str:
+    from .timing import StageTimer
+
+    timer = StageTimer()
+    timer.seconds.update(timings)
+    return timer.table()
+
+
+def write_metrics(path: Path, metadata: dict, out: Path) -> None:
+    from .io.video import atomic_path
+
+    payload = {**metadata, "output": str(out)}
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=1, default=str), encoding="utf-8")
