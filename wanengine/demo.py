@@ -1,0 +1,153 @@
+"""`wanengine demo`: the whole pipeline on a small random-weight checkpoint, with no downloads.
+
+The checkpoint is written once, in the released layout (tokenizer, UMT5 `.pth` in bf16, two
+sharded DiT experts with index + config.json, VAE `.pth`), into a cache directory, so the
+demo exercises exactly the loading code a real checkpoint goes through.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Dict, Optional
+
+import torch
+
+DEMO_VERSION = "v1"
+DEMO_PROMPT = "A sunny beach at noon, gentle waves rolling in, a small boat drifting on the sea."
+DEMO_SETTINGS = dict(max_area=160 * 128, frame_num=9, steps=6, shift=5.0, solver="unipc", guide_scale=(3.5, 3.5))
+# Small but complete sizes; the DiT text width is fixed at 4096 by the architecture.
+T5_SIZES = dict(dim=4096, dim_attn=64, dim_ffn=128, num_heads=4, num_layers=2, num_buckets=32)
+DIT_SIZES = dict(dim=128, ffn_dim=256, freq_dim=256, in_dim=36, out_dim=16, num_heads=2, num_layers=2,
+                 text_len=512, eps=1e-6)
+VAE_BASE_WIDTH = 16
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("WANENGINE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "wanengine")
+    return Path(base)
+
+
+def _train_tokenizer(out_dir: Path) -> None:
+    """A tiny sentencepiece model with the released special ids (pad 0, eos 1, unk 2)."""
+    import sentencepiece as spm
+
+    corpus = [DEMO_PROMPT, "the quick brown fox jumps over the lazy dog", "a cat wearing sunglasses on a surfboard",
+              "summer beach vacation style, waves, sky, sun, sand, boat, water, clouds, light, motion",
+              "a city street at night with neon signs, rain and reflections", "mountains, forest, river, snow"] * 20
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_prefix=str(out_dir / "spiece"),
+                                   vocab_size=160, hard_vocab_limit=False, model_type="unigram", pad_id=0, eos_id=1,
+                                   unk_id=2, bos_id=-1, character_coverage=1.0, minloglevel=2)
+    (out_dir / "spiece.vocab").unlink(missing_ok=True)
+
+
+def _save_sharded(state: Dict[str, torch.Tensor], expert_dir: Path, config: dict, shards: int) -> None:
+    from safetensors.torch import save_file
+
+    expert_dir.mkdir(parents=True)
+    (expert_dir / "config.json").write_text(json.dumps({"_class_name": "WanModel", **config, "model_type": "i2v"},
+                                                       indent=2))
+    names = list(state)
+    weight_map, total = {}, 0
+    for index in range(shards):
+        file_name = f"diffusion_pytorch_model-{index + 1:05d}-of-{shards:05d}.safetensors"
+        part = {n: state[n].contiguous() for n in names[index::shards]}
+        save_file(part, str(expert_dir / file_name), metadata={"format": "pt"})
+        weight_map.update({n: file_name for n in part})
+        total += sum(t.numel() * t.element_size() for t in part.values())
+    index_doc = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (expert_dir / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index_doc, indent=2))
+
+
+def write_random_checkpoint(target: Path, seed: int = 0) -> Path:
+    """Write a random-weight checkpoint in the released layout to `target` (atomically)."""
+    from .models.dit import DiTConfig, WanDiT
+    from .models.t5 import T5Config, UMT5Encoder
+    from .models.vae import VAEConfig, WanVAE
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".demo-", dir=target.parent))
+    try:
+        torch.manual_seed(seed)
+        tok_dir = staging / "google" / "umt5-xxl"
+        tok_dir.mkdir(parents=True)
+        _train_tokenizer(tok_dir)
+        import sentencepiece as spm
+
+        vocab = spm.SentencePieceProcessor(model_file=str(tok_dir / "spiece.model")).get_piece_size()
+        t5 = UMT5Encoder(T5Config(vocab_size=vocab, **T5_SIZES))
+        torch.save({k: v.to(torch.bfloat16) for k, v in t5.state_dict().items()},
+                   staging / "models_t5_umt5-xxl-enc-bf16.pth")
+        vae = WanVAE(VAEConfig(dim=VAE_BASE_WIDTH))
+        torch.save(vae.state_dict(), staging / "Wan2.1_VAE.pth")
+        for name, dtype, shards in (("high_noise_model", torch.bfloat16, 3), ("low_noise_model", torch.float32, 2)):
+            dit = WanDiT(DiTConfig(**DIT_SIZES))
+            _save_sharded({k: v.to(dtype) for k, v in dit.state_dict().items()}, staging / name, DIT_SIZES, shards)
+        (staging / "configuration.json").write_text(json.dumps({"framework": "Pytorch", "task": "image-to-video"}))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def demo_checkpoint(cache_dir: Optional[Path] = None) -> Path:
+    """The cached demo checkpoint, written on first use."""
+    target = (cache_dir or default_cache_dir()) / f"demo-ckpt-{DEMO_VERSION}"
+    if not (target / "configuration.json").is_file():
+        write_random_checkpoint(target)
+    return target
+
+
+def demo_image(width: int = 320, height: int = 256):
+    """A synthetic beach scene: sky gradient, sun, sea and sand."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (width, height))
+    draw = ImageDraw.Draw(image)
+    horizon = int(height * 0.55)
+    for row in range(height):
+        if row < horizon:
+            shade = row / horizon
+            colour = (int(90 + 100 * shade), int(150 + 70 * shade), 235)
+        elif row < int(height * 0.8):
+            colour = (20, int(90 + 60 * (row - horizon) / height), 160)
+        else:
+            colour = (225, 200, 150)
+        draw.line([(0, row), (width, row)], fill=colour)
+    draw.ellipse([width * 0.7, height * 0.08, width * 0.85, height * 0.27], fill=(255, 230, 120))
+    draw.polygon([(width * 0.3, horizon + 18), (width * 0.45, horizon + 18), (width * 0.42, horizon + 28),
+                  (width * 0.33, horizon + 28)], fill=(120, 60, 30))
+    return image
+
+
+def run_demo(out: Path, *, cache_dir: Optional[Path] = None, seed: int = 42,
+             say: Callable[[str], None] = print, progress: bool = True) -> Path:
+    """Write (once) the demo checkpoint, run the full pipeline on CPU and write `out`."""
+    import time
+
+    from .config import EngineConfig
+    from .engine import Engine
+    from .io.video import check_output_path
+    from .run import stage_table
+
+    out = check_output_path(out)
+    start = time.perf_counter()
+    ckpt = demo_checkpoint(cache_dir)
+    prepared = time.perf_counter() - start
+    say(f"demo checkpoint: {ckpt}")
+    engine = Engine(EngineConfig(ckpt_dir=str(ckpt), device="cpu", dtype="float32", progress=progress))
+    video = engine.i2v(demo_image(), DEMO_PROMPT, seed=seed, **DEMO_SETTINGS)
+    write_start = time.perf_counter()
+    video.save(out)
+    timings = {"prepare checkpoint": prepared, **video.metadata["timings_s"], "write": time.perf_counter() - write_start}
+    say(f"wrote {out}: {video.num_frames} frames of {video.tensor.shape[3]}x{video.tensor.shape[2]} at {video.fps} fps, "
+        f"seed {video.seed}")
+    if progress:
+        say(stage_table(timings))
+    return out
