@@ -73,7 +73,9 @@ class Guidance(Protocol):
 
 
 def _timestep(t: int, batch: int, device: torch.device) -> torch.Tensor:
-    return torch.full((batch,), t, dtype=torch.float32, device=device)
+    """Timesteps stay on the host: the expert's sinusoidal embedding is computed there in
+    float64, so a device tensor would only cost a device->host sync every forward."""
+    return torch.full((batch,), t, dtype=torch.float32)
 
 
 def batched_cfg(expert: Expert, latent: torch.Tensor, t: int, contexts: Tuple[torch.Tensor, torch.Tensor],

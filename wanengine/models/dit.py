@@ -407,7 +407,8 @@ class WanDiT(nn.Module):
             raise ValueError(f"batch of {bsz} latents needs {bsz} timesteps and contexts; "
                              f"got {t.numel()} and {text.shape[0]}")
         cos, sin = self.rope_tables(grid, seq_len, tokens.device)
-        k_lens = torch.full((bsz,), num_tokens, dtype=torch.int32, device=tokens.device)
+        # Host-side key lengths: backends read them without a device->host sync.
+        k_lens = torch.full((bsz,), num_tokens, dtype=torch.int32)
 
         for block in self.blocks:
             tokens = block(tokens, e0, text, cos, sin, k_lens)
