@@ -16,7 +16,7 @@ from typing import Callable, Optional
 
 from .config import EngineConfig, GenerationOptions, latent_grid
 from .errors import ConfigError
-from .io.checkpoint import EXPERTS, preflight_checkpoint, read_expert_config
+from .io.checkpoint import EXPERTS, preflight_checkpoint
 from .io.image import open_image
 from .io.video import check_output_path
 
@@ -59,7 +59,9 @@ def preflight_run(cfg: EngineConfig, opts: GenerationOptions, image_path, out: O
     cfg.validate()
     opts.validate()
     layout = preflight_checkpoint(cfg.ckpt_dir)
-    num_heads = int(read_expert_config(layout.expert(EXPERTS[0])).get("num_heads", 40))
+    from .models.dit import DiTConfig
+
+    num_heads = DiTConfig.from_json(layout.expert(EXPERTS[0]) / "config.json").num_heads
     check_parallel_layout(cfg, num_heads)
     image = open_image(image_path)
     _, lat_h, lat_w = latent_grid(image.height, image.width, opts.resolved_max_area, opts.frame_num)

@@ -9,27 +9,20 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, Union
 
-from .checkpoint import EXPERTS, preflight_checkpoint, read_expert_config, safetensors_header, expert_shards
-
-_ST_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-_ST_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32"}
-
+from .checkpoint import EXPERTS, preflight_checkpoint
 
 def _expert(expert_dir: Path) -> Dict[str, Any]:
-    params, nbytes, dtypes, tensors = 0, 0, Counter(), 0
-    shards = expert_shards(expert_dir)
-    for shard in shards:
-        for name, entry in safetensors_header(shard).items():
-            if name == "__metadata__":
-                continue
-            count = math.prod(entry["shape"])
-            params += count
-            nbytes += count * _ST_BYTES.get(entry["dtype"], 0)
-            dtypes[_ST_NAMES.get(entry["dtype"], entry["dtype"].lower())] += count
-            tensors += 1
-    config = {k: v for k, v in read_expert_config(expert_dir).items() if not k.startswith("_")}
-    return {"path": str(expert_dir), "shards": len(shards), "tensors": tensors, "parameters": params,
-            "bytes": nbytes, "dtypes": dict(dtypes), "config": config}
+    from dataclasses import asdict
+
+    from ..models.dit_loading import inspect_expert
+
+    plan = inspect_expert(expert_dir)
+    dtypes: Counter = Counter()
+    for record in plan.records:
+        dtypes[str(record.dtype).replace("torch.", "")] += math.prod(record.shape)
+    return {"path": str(expert_dir), "shards": len({r.shard for r in plan.records}), "tensors": len(plan.records),
+            "parameters": plan.parameters, "bytes": plan.nbytes, "dtypes": dict(dtypes),
+            "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(plan.config).items()}}
 
 
 def _pth(path: Path) -> Dict[str, Any]:

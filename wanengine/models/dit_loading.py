@@ -26,6 +26,7 @@ float32 (a bf16 checkpoint's values are exact in float32; the cost is ~0.4 GB pe
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -189,6 +190,34 @@ def load_dit(expert_dir: Union[str, "os.PathLike[str]"], *, device: Union[str, t
     Raises CheckpointError (one line naming the file) for a missing config/index/shard, an index
     naming a missing shard or a tensor its shard lacks, a corrupt or truncated file,
     missing/unexpected/mis-shaped tensors, or a model_type other than i2v."""
+    plan = inspect_expert(expert_dir)
+    with torch.device("meta"):
+        model = WanDiT(plan.config)
+    return assign_streaming(model, _stream(plan.records), device=device, dtype=dtype, source=plan.source,
+                            keep_float32=keep_float32)
+
+
+@dataclass(frozen=True)
+class ExpertPlan:
+    """What loading an expert will read, fully validated: config, the file named in messages,
+    and every tensor's location, dtype and shape."""
+
+    config: DiTConfig
+    source: str
+    records: List[_TensorRecord]
+
+    @property
+    def parameters(self) -> int:
+        return sum(math.prod(r.shape) for r in self.records)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(r.end - r.begin for r in self.records)
+
+
+def inspect_expert(expert_dir: Union[str, "os.PathLike[str]"]) -> ExpertPlan:
+    """Every check `load_dit` makes, from config.json, the index and the safetensors headers
+    alone (no tensor data is read): the engine's preflight and `wanengine info` use it."""
     expert_dir = Path(expert_dir)
     if not expert_dir.is_dir():
         raise CheckpointError(f"{expert_dir}: expert directory not found ({_LAYOUT})")
@@ -200,5 +229,4 @@ def load_dit(expert_dir: Union[str, "os.PathLike[str]"], *, device: Union[str, t
     bad = [r for r in records if not r.dtype.is_floating_point]
     if bad:
         raise CheckpointError(f"{bad[0].shard}: tensor {bad[0].stored_name} has non-floating dtype {bad[0].dtype}")
-    return assign_streaming(model, _stream(records), device=device, dtype=dtype, source=source,
-                            keep_float32=keep_float32)
+    return ExpertPlan(config, source, records)
