@@ -220,6 +220,9 @@ def translate_reference_flags(argv: List[str]) -> List[str]:
 
 def main(argv: Optional[List[str]] = None) -> None:
     """Console-script entry point."""
+    from .device import ascend_environment_defaults
+
+    ascend_environment_defaults()  # before anything imports torch_npu
     args = translate_reference_flags(list(sys.argv[1:] if argv is None else argv))
     app(args=args, prog_name="wanengine")
 

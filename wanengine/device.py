@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from typing import Callable, Optional
 
 import torch
@@ -11,9 +12,36 @@ from .errors import ConfigError
 DTYPE_BY_NAME = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+# What the reference Ascend port sets (spec npu-ops.md); user-set values win.
+ASCEND_ENV = {
+    "PYTORCH_NPU_ALLOC_CONF": "expandable_segments:True",
+    "TASK_QUEUE_ENABLE": "2",
+    "CPU_AFFINITY_CONF": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def ascend_environment_defaults() -> None:
+    """Set the Ascend runtime's environment defaults; they only take effect if this runs
+    before `torch_npu` is first imported (the CLI calls it at start-up)."""
+    for key, value in ASCEND_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def configure_ascend_runtime() -> None:
+    """Inference settings of the reference Ascend port: no JIT compilation of operators
+    (binary kernels), and no private NPU tensor formats leaking into user tensors."""
+    ascend_environment_defaults()
+    import torch_npu
+
+    torch_npu.npu.set_compile_mode(jit_compile=False)
+    torch.npu.config.allow_internal_format = False  # type: ignore[attr-defined]
+
+
 def npu_available() -> bool:
     if importlib.util.find_spec("torch_npu") is None:
         return False
+    ascend_environment_defaults()
     import torch_npu  # noqa: F401  (registers torch.npu)
 
     return bool(getattr(torch, "npu", None) and torch.npu.is_available())
@@ -28,12 +56,19 @@ def resolve_device(name: Optional[str]) -> torch.device:
         if torch.cuda.is_available():
             return torch.device("cuda")
         return torch.device("cpu")
+    # Checked on the name: torch only knows the "npu" device type once torch_npu is imported.
+    if name.split(":")[0] == "npu" and not npu_available():
+        raise ConfigError(f"--device {name}: no Ascend NPU (torch_npu) is available on this machine")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {name}: CUDA is not available on this machine")
-    if device.type == "npu" and not npu_available():
-        raise ConfigError(f"--device {name}: no Ascend NPU (torch_npu) is available on this machine")
     return device
+
+
+def prepare_device(device: torch.device) -> None:
+    """One-time runtime settings for the chosen device."""
+    if device.type == "npu":
+        configure_ascend_runtime()
 
 
 def resolve_dtype(name: str) -> torch.dtype:

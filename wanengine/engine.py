@@ -16,7 +16,7 @@ import torch
 
 from . import __version__, kernels
 from .config import EngineConfig, GenerationOptions, latent_grid
-from .device import resolve_device, resolve_dtype, synchronizer
+from .device import prepare_device, resolve_device, resolve_dtype, synchronizer
 from .experts import ExpertSwitcher
 from .io.checkpoint import EXPERTS, preflight_checkpoint
 from .io.image import ImageLike, image_to_tensor, open_image
@@ -40,6 +40,7 @@ class Engine:
     def __init__(self, cfg: EngineConfig) -> None:
         self.cfg = cfg.validate()
         self.device = resolve_device(cfg.device)
+        prepare_device(self.device)
         self.dtype = resolve_dtype(cfg.dtype)
         self.vae_dtype = resolve_dtype(cfg.vae_dtype)
         self.layout = preflight_checkpoint(cfg.ckpt_dir)

@@ -85,6 +85,8 @@ def run_i2v(plan: RunPlan, say: Callable[..., None] = print) -> Path:
     say(f"i2v: {width}x{height}, {plan.opts.frame_num} frames, {plan.opts.steps} {plan.opts.solver} steps, "
         f"seed {plan.opts.seed}")
     engine = make_engine(plan.cfg) if plan.cfg.distributed else Engine(plan.cfg)
+    say(f"engine: device {engine.device}, dtype {plan.cfg.dtype}, kernels {engine.kernel_backend}, "
+        f"offload {'on' if engine.offload else 'off'}, loaded in {engine.load_timer.total:.1f} s", level=2)
     video = engine.generate(plan.image, plan.opts)
     write_start = time.perf_counter()
     if is_writer():
