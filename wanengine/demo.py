@@ -62,8 +62,15 @@ def _save_sharded(state: Dict[str, torch.Tensor], expert_dir: Path, config: dict
     (expert_dir / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index_doc, indent=2))
 
 
-def write_random_checkpoint(target: Path, seed: int = 0) -> Path:
-    """Write a random-weight checkpoint in the released layout to `target` (atomically)."""
+def write_random_checkpoint(target: Path, seed: int = 0, *, t5_sizes: Optional[Dict] = None,
+                            dit_sizes: Optional[Dict] = None, vae_base_width: int = VAE_BASE_WIDTH) -> Path:
+    """Write a random-weight checkpoint in the released layout to `target` (atomically).
+
+    Sizes default to the demo's (`T5_SIZES`, `DIT_SIZES`, `VAE_BASE_WIDTH`); benchmarks pass
+    larger ones (`t5_sizes` are `T5Config` fields except the vocabulary, `dit_sizes` the
+    expert's `config.json` values)."""
+    t5_sizes = dict(T5_SIZES if t5_sizes is None else t5_sizes)
+    dit_sizes = dict(DIT_SIZES if dit_sizes is None else dit_sizes)
     from .models.dit import DiTConfig, WanDiT
     from .models.t5 import T5Config, UMT5Encoder
     from .models.vae import VAEConfig, WanVAE
@@ -78,14 +85,14 @@ def write_random_checkpoint(target: Path, seed: int = 0) -> Path:
         import sentencepiece as spm
 
         vocab = spm.SentencePieceProcessor(model_file=str(tok_dir / "spiece.model")).get_piece_size()
-        t5 = UMT5Encoder(T5Config(vocab_size=vocab, **T5_SIZES))
+        t5 = UMT5Encoder(T5Config(vocab_size=vocab, **t5_sizes))
         torch.save({k: v.to(torch.bfloat16) for k, v in t5.state_dict().items()},
                    staging / "models_t5_umt5-xxl-enc-bf16.pth")
-        vae = WanVAE(VAEConfig(dim=VAE_BASE_WIDTH))
+        vae = WanVAE(VAEConfig(dim=vae_base_width))
         torch.save(vae.state_dict(), staging / "Wan2.1_VAE.pth")
         for name, dtype, shards in (("high_noise_model", torch.bfloat16, 3), ("low_noise_model", torch.float32, 2)):
-            dit = WanDiT(DiTConfig(**DIT_SIZES))
-            _save_sharded({k: v.to(dtype) for k, v in dit.state_dict().items()}, staging / name, DIT_SIZES, shards)
+            dit = WanDiT(DiTConfig(**dit_sizes))
+            _save_sharded({k: v.to(dtype) for k, v in dit.state_dict().items()}, staging / name, dit_sizes, shards)
         (staging / "configuration.json").write_text(json.dumps({"framework": "Pytorch", "task": "image-to-video"}))
         if target.exists():
             shutil.rmtree(target)

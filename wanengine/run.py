@@ -76,7 +76,7 @@ def preflight_run(cfg: EngineConfig, opts: GenerationOptions, image_path, out: O
     return RunPlan(cfg, opts, image, out, metrics_json, frame_size)
 
 
-def run_i2v(plan: RunPlan, say: Callable[..., None] = print) -> Path:
+def run_i2v(plan: RunPlan, say: Callable[..., None] = lambda message, level=1: print(message)) -> Path:
     """Load, generate, write; print the seed, the output and the stage table."""
     from .engine import Engine
     from .parallel import is_writer, make_engine
