@@ -1,0 +1,338 @@
+"""One rank of a multi-process test, and `launch()` that starts all ranks (gloo on CPU).
+
+Run as `python tests/_parallel_worker.py CASE OUT_DIR [options]` with torchrun's environment
+(RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); `launch()` sets it up. Each rank
+writes `OUT_DIR/rank<r>.json` with what it measured; tensors worth comparing in the parent go
+to `OUT_DIR/*.safetensors`. The parent test asserts -- workers only measure.
+
+Cases:
+  attention  Ulysses all-to-all attention vs single-device attention (random, padded), and the
+             golden DiT forward with `apply_ulysses` (incl. a seq_len that needs padding).
+  vae        `SplitVAE` encode / decode vs the golden VAE data and the unsplit VAE.
+  fsdp       sharded loading: parameter bytes per rank, golden DiT and T5 outputs, bf16 parity.
+  e2e        `ParallelEngine` on the golden image-to-video case; rank 0 saves the video.
+  device     by hand on an accelerator host (`torchrun --nproc_per_node=N tests/_parallel_worker.py
+             device OUT`): the device-specific paths against the golden data.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+HERE = Path(__file__).resolve().parent
+
+
+# --------------------------------------------------------------------------- parent side
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def rank_env(rank: int, world: int, port: int) -> Dict[str, str]:
+    env = dict(os.environ)
+    env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")]))
+    return env
+
+
+def launch(world: int, case: str, out_dir: Path, extra: Sequence[str] = (), timeout: float = 120.0) -> List[dict]:
+    """Start `world` ranks of CASE, wait, and return each rank's JSON report; raises with the
+    ranks' stderr tails if any rank fails or the job times out."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, str(HERE / "_parallel_worker.py"), case, str(out_dir), *extra],
+                              env=rank_env(rank, world, port), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for rank in range(world)]
+    deadline, logs, failed = time.monotonic() + timeout, [], False
+    for rank, proc in enumerate(procs):
+        try:
+            out, _ = proc.communicate(timeout=max(deadline - time.monotonic(), 1.0))
+        except subprocess.TimeoutExpired:
+            for other in procs:
+                other.kill()
+            out, _ = proc.communicate()
+            failed = True
+        logs.append(out.decode(errors="replace"))
+        failed = failed or proc.returncode != 0
+    if failed:
+        tails = "\n".join(f"--- rank {r} (exit {p.returncode}) ---\n{log[-3000:]}"
+                          for r, (p, log) in enumerate(zip(procs, logs)))
+        raise RuntimeError(f"{case} on {world} ranks failed:\n{tails}")
+    return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+# --------------------------------------------------------------------------- worker side
+def _max_abs(a, b) -> float:
+    return float((a.double() - b.double()).abs().max())
+
+
+def _rel(a, b) -> float:
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+
+def case_attention(args, rank: int, world: int) -> dict:
+    import torch
+    import torch.distributed as dist
+    from safetensors.torch import load_file
+
+    from helpers import golden_dir
+    from wanengine import kernels
+    from wanengine.models.dit_loading import load_dit
+    from wanengine.parallel.ulysses import apply_ulysses, heads_to_sequence, make_ulysses_attend, sequence_to_heads
+
+    dist.init_process_group("gloo")
+    report: dict = {}
+    # random attention: 4 heads per rank... 2 at sp 4; 13 real tokens padded to a multiple of sp
+    gen = torch.Generator().manual_seed(0)
+    batch, heads, dim, real = 2, 2 * world, 16, 13
+    seq = -(-real // world) * world + world  # some padding on top of the rounding
+    q, k, v = (torch.randn(batch, seq, heads, dim, generator=gen) for _ in range(3))
+    k_lens = torch.tensor([real, real - 3], dtype=torch.int32)
+    want = kernels.attention(q, k, v, scale=dim ** -0.5, k_lens=k_lens)
+    chunk = seq // world
+    rows = slice(rank * chunk, (rank + 1) * chunk)
+    attend = make_ulysses_attend(dim, world, None)
+    got = attend(q[:, rows], k[:, rows], v[:, rows], k_lens)
+    report["attention_max_abs"] = _max_abs(got, want[:, rows])  # padded query rows included
+    there = sequence_to_heads(q[:, rows], world, None)
+    back = heads_to_sequence(there, world, None)
+    report["roundtrip_exact"] = bool(torch.equal(back, q[:, rows]))
+    report["scatter_heads_exact"] = bool(torch.equal(there, q[:, :, rank * (heads // world):(rank + 1) * (heads // world)]))
+
+    # the golden DiT forward (2 heads: only sp <= 2)
+    if world > 2:
+        return report
+    golden = load_file(str(golden_dir() / "dit.safetensors"))
+    model = load_dit(golden_dir() / "ckpt" / "low_noise_model", device="cpu", dtype=torch.float32)
+    x, y, t = golden["x"], golden["y"], golden["t"]
+    context = [golden["context"]] if golden["context"].dim() == 2 else list(golden["context"])
+    calls = []
+    real_all_to_all = dist.all_to_all_single
+
+    def counting_all_to_all(*a, **kw):
+        calls.append(1)
+        return real_all_to_all(*a, **kw)
+
+    dist.all_to_all_single = counting_all_to_all  # proves the split path ran: 2 per block
+    with torch.no_grad():
+        single = model(x, t, context, y)
+        apply_ulysses(model, dist.group.WORLD)
+        split = model(x, t, context, y)
+        report["all_to_alls_per_forward"] = len(calls)
+        tokens = x.shape[-3] * (x.shape[-2] // 2) * (x.shape[-1] // 2)
+        padded = model(x, t, context, y, seq_len=tokens + 1)  # rounds up to a multiple of sp: padding
+    report["dit_rel_vs_golden"] = _rel(split, golden["out_low"])
+    report["dit_rel_vs_single"] = _rel(split, single)
+    report["dit_padded_rel_vs_golden"] = _rel(padded, golden["out_low"])
+    return report
+
+
+def case_vae(args, rank: int, world: int) -> dict:
+    import torch
+    import torch.distributed as dist
+    from safetensors.torch import load_file
+
+    from helpers import golden_dir
+    from wanengine.models.vae import load_vae
+    from wanengine.parallel.vae_split import apply_vae_split, tile_grid
+
+    dist.init_process_group("gloo")
+    golden = load_file(str(golden_dir() / "vae.safetensors"))
+    vae = load_vae(golden_dir() / "ckpt" / "Wan2.1_VAE.pth", device="cpu", dtype=torch.float32)
+    split = apply_vae_split(vae)
+    exchanges = []
+    real_batch = dist.batch_isend_irecv
+
+    def counting_batch(ops):
+        exchanges.append(len(ops))
+        return real_batch(ops)
+
+    dist.batch_isend_irecv = counting_batch  # proves halos travelled
+    start = time.perf_counter()
+    mu = split.encode(golden["video"])
+    decoded = split.decode(golden["z"])
+    seconds = time.perf_counter() - start
+    report = {"encode_rel_vs_golden": _rel(mu, golden["mu"]), "decode_rel_vs_golden": _rel(decoded, golden["decoded"]),
+              "decode_max_abs_vs_golden": _max_abs(decoded, golden["decoded"]), "seconds": seconds,
+              "grid": list(tile_grid(world, *golden["z"].shape[-2:])), "halo_exchanges": len(exchanges)}
+    # uneven tiles (5 x 7 latent rows x columns), against the unsplit VAE
+    gen = torch.Generator().manual_seed(1)
+    z = torch.randn(16, 2, 5, 7, generator=gen)
+    video = torch.rand(3, 5, 40, 56, generator=gen) * 2 - 1
+    report["uneven_decode_max_abs_vs_single"] = _max_abs(split.decode(z), vae.decode(z))
+    report["uneven_encode_max_abs_vs_single"] = _max_abs(split.encode(video), vae.encode(video))
+    report["golden_decode_max_abs_vs_single"] = _max_abs(decoded, vae.decode(golden["z"]))
+    report["golden_encode_max_abs_vs_single"] = _max_abs(mu, vae.encode(golden["video"]))
+    return report
+
+
+def case_fsdp(args, rank: int, world: int) -> dict:
+    import torch
+    import torch.distributed as dist
+    from safetensors.torch import load_file
+
+    from helpers import golden_dir
+    from wanengine.models.dit_loading import load_dit
+    from wanengine.parallel.fsdp import (full_parameter_bytes, load_dit_sharded, load_t5_sharded,
+                                         local_parameter_bytes, reshard, world_mesh)
+
+    dist.init_process_group("gloo")
+    mesh = world_mesh("cpu")
+    ckpt = golden_dir() / "ckpt"
+    golden = load_file(str(golden_dir() / "dit.safetensors"))
+    x, y, t = golden["x"], golden["y"], golden["t"]
+    context = [golden["context"]] if golden["context"].dim() == 2 else list(golden["context"])
+    report: dict = {}
+    with torch.no_grad():
+        sharded = load_dit_sharded(ckpt / "low_noise_model", device=torch.device("cpu"), dtype=torch.float32, mesh=mesh)
+        report["dit_local_fraction"] = local_parameter_bytes(sharded) / full_parameter_bytes(sharded)
+        report["dit_rel_vs_golden"] = _rel(sharded(x, t, context, y), golden["out_low"])
+        reshard(sharded)
+        report["dit_local_fraction_after_forward"] = local_parameter_bytes(sharded) / full_parameter_bytes(sharded)
+        # bf16 (with the float32 modulation / time MLPs in the same units): same numbers as unsharded bf16
+        bf16 = load_dit_sharded(ckpt / "high_noise_model", device=torch.device("cpu"), dtype=torch.bfloat16, mesh=mesh)
+        plain = load_dit(ckpt / "high_noise_model", device="cpu", dtype=torch.bfloat16)
+        report["dit_bf16_max_abs_vs_unsharded"] = _max_abs(bf16(x, t, context, y), plain(x, t, context, y))
+        t5_golden = load_file(str(golden_dir() / "t5.safetensors"))
+        t5 = load_t5_sharded(ckpt / "models_t5_umt5-xxl-enc-bf16.pth", device=torch.device("cpu"),
+                             dtype=torch.float32, mesh=mesh)
+        rows = t5.encode(t5_golden["ids"], t5_golden["mask"])
+        reshard(t5)
+        report["t5_local_fraction"] = local_parameter_bytes(t5) / full_parameter_bytes(t5)
+        out = t5_golden["out"]
+        report["t5_rel_vs_golden"] = max(_rel(r, out[i, :r.shape[0]]) for i, r in enumerate(rows))
+    return report
+
+
+def case_e2e(args, rank: int, world: int) -> dict:
+    import torch
+    from safetensors.torch import save_file
+
+    from helpers import golden_dir
+    from wanengine.config import EngineConfig
+    from wanengine.parallel import is_writer, make_engine
+
+    meta = json.loads((golden_dir() / "meta.json").read_text())["i2v"]
+    cfg = EngineConfig(ckpt_dir=str(golden_dir() / "ckpt"), device="cpu", dtype="float32", progress=False,
+                       ulysses_size=args.ulysses_size, cfg_size=args.cfg_size, dit_fsdp=args.dit_fsdp,
+                       t5_fsdp=args.t5_fsdp, vae_parallel=args.vae_parallel, cfg_batch=not args.sequential_cfg)
+    start = time.perf_counter()
+    engine = make_engine(cfg)
+    loaded = time.perf_counter()
+    video = engine.i2v(golden_dir() / "input.png", meta["prompt"], negative_prompt=meta["n_prompt"],
+                       max_area=meta["max_area"], frame_num=meta["frame_num"], steps=meta["steps"],
+                       shift=meta["shift"], solver=meta["solver"], guide_scale=tuple(meta["guide_scale"]),
+                       seed=meta["seed"] if rank == 0 else 7)  # other ranks' seeds must be overridden
+    report = {"load_s": loaded - start, "run_s": time.perf_counter() - loaded, "seed": video.seed,
+              "frames": video.num_frames, "writer": is_writer()}
+    if is_writer():
+        save_file({"video": video.tensor.contiguous(), "latent": video.latent.contiguous()},
+                  str(Path(args.out_dir) / "video.safetensors"))
+    return report
+
+
+def case_device(args, rank: int, world: int) -> dict:
+    """Accelerator smoke check (run by hand under torchrun on a GPU / NPU host, not in CI):
+    the device-specific paths -- backend init, per-rank device, FSDP2 and the forced FSDP1
+    fallback on the device, Ulysses collectives, the whole ParallelEngine -- against the golden."""
+    import torch
+    import torch.distributed as dist
+    from safetensors.torch import load_file
+
+    from helpers import golden_dir
+    from dataclasses import replace
+
+    from wanengine.config import EngineConfig
+    from wanengine.parallel import fsdp, make_engine
+    from wanengine.parallel.ulysses import apply_ulysses
+
+    device_type = args.device_type
+    meta = json.loads((golden_dir() / "meta.json").read_text())["i2v"]
+    want = load_file(str(golden_dir() / "i2v.safetensors"))
+    report: dict = {}
+    for dtype in ("float32", "bfloat16"):
+        cfg = EngineConfig(ckpt_dir=str(golden_dir() / "ckpt"), device=device_type, dtype=dtype, progress=False,
+                           ulysses_size=world, dit_fsdp=True, t5_fsdp=True, vae_parallel=True)
+        start = time.perf_counter()
+        engine = make_engine(cfg)
+        video = engine.i2v(golden_dir() / "input.png", meta["prompt"], negative_prompt=meta["n_prompt"],
+                           max_area=meta["max_area"], frame_num=meta["frame_num"], steps=meta["steps"],
+                           shift=meta["shift"], solver=meta["solver"], guide_scale=tuple(meta["guide_scale"]),
+                           seed=meta["seed"])
+        report[f"engine_{dtype}_seconds"] = time.perf_counter() - start
+        report["device"] = str(engine.device)
+        del engine
+        # the accelerator's generator draws other noise than the CPU golden: compare with the
+        # single-device engine on the same device instead
+        from wanengine.engine import Engine
+
+        single = Engine(replace(cfg, ulysses_size=1, dit_fsdp=False, t5_fsdp=False, vae_parallel=False))
+        base = single.i2v(golden_dir() / "input.png", meta["prompt"], negative_prompt=meta["n_prompt"],
+                          max_area=meta["max_area"], frame_num=meta["frame_num"], steps=meta["steps"],
+                          shift=meta["shift"], solver=meta["solver"], guide_scale=tuple(meta["guide_scale"]),
+                          seed=meta["seed"])
+        report[f"engine_{dtype}_video_max_abs_vs_single"] = _max_abs(video.tensor, base.tensor)
+        report[f"engine_{dtype}_latent_rel_vs_single"] = _rel(video.latent, base.latent)
+        del single
+    if device_type == "cpu":  # FSDP1 needs an accelerator
+        return report
+    device = torch.device(device_type, int(os.environ.get("LOCAL_RANK", "0")))
+    golden = load_file(str(golden_dir() / "dit.safetensors"))
+    x, y, t = (golden[k].to(device) for k in ("x", "y", "t"))
+    context = [golden["context"].to(device)]
+    ckpt = golden_dir() / "ckpt"
+    with torch.no_grad():
+        fsdp._fully_shard, saved = None, fsdp._fully_shard  # the FSDP1 fallback of older torch
+        try:
+            model = fsdp.load_dit_sharded(ckpt / "low_noise_model", device=device, dtype=torch.float32, mesh=None,
+                                          prepare=lambda m: apply_ulysses(m, dist.group.WORLD))
+            report["fsdp1_ulysses_dit_rel"] = _rel(model(x, t, context, y).cpu(), golden["out_low"])
+            t5 = fsdp.load_t5_sharded(ckpt / "models_t5_umt5-xxl-enc-bf16.pth", device=device,
+                                      dtype=torch.float32, mesh=None)
+            t5_golden = load_file(str(golden_dir() / "t5.safetensors"))
+            rows = t5.encode(t5_golden["ids"], t5_golden["mask"])
+            report["fsdp1_t5_rel"] = max(_rel(r.cpu(), t5_golden["out"][i, :r.shape[0]]) for i, r in enumerate(rows))
+        finally:
+            fsdp._fully_shard = saved
+    return report
+
+
+CASES = {"attention": case_attention, "vae": case_vae, "fsdp": case_fsdp, "e2e": case_e2e, "device": case_device}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("case", choices=sorted(CASES))
+    parser.add_argument("out_dir")
+    parser.add_argument("--ulysses-size", type=int, default=1)
+    parser.add_argument("--cfg-size", type=int, default=1)
+    parser.add_argument("--dit-fsdp", action="store_true")
+    parser.add_argument("--t5-fsdp", action="store_true")
+    parser.add_argument("--vae-parallel", action="store_true")
+    parser.add_argument("--sequential-cfg", action="store_true")
+    parser.add_argument("--device-type", default="cuda")
+    args = parser.parse_args(argv)
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    report = CASES[args.case](args, rank, world)
+    Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+    Path(args.out_dir, f"rank{rank}.json").write_text(json.dumps(report))
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+"""CFG parallelism (spec `parallel.md`): the two guidance branches on two groups of ranks.
+
+CFG branch 0 (ranks `[0, U)`) evaluates the conditional prediction, branch 1 (`[U, 2U)`) the
+unconditional one, from the same latent and `y`; each CFG pair `{u, U + u}` then all-gathers
+the two predictions and every rank forms `uncond + g * (cond - uncond)` with the same
+operands in the same order, so all ranks step the sampler identically (bit for bit) and
+never need to re-synchronise the latent.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from ..pipeline import Expert, Guidance
+
+
+def make_cfg_parallel_guidance(cfg_rank: int, group: Optional[dist.ProcessGroup]) -> Guidance:
+    """A `pipeline.Guidance` for a rank of CFG branch `cfg_rank` (0: cond, 1: uncond) whose
+    pair partner sits in `group` (group rank order = branch order)."""
+    if cfg_rank not in (0, 1):
+        raise ValueError(f"cfg_rank must be 0 (conditional) or 1 (unconditional), got {cfg_rank}")
+
+    def cfg_parallel(expert: Expert, latent: torch.Tensor, t: int, contexts: Sequence[torch.Tensor],
+                     y: torch.Tensor, seq_len: int, scale: float) -> torch.Tensor:
+        timestep = torch.full((1,), t, dtype=torch.float32)  # host-side, as in `pipeline` (no sync)
+        mine = expert(latent[None], timestep, [contexts[cfg_rank]], y[None], seq_len)[0].contiguous()
+        both = [torch.empty_like(mine) for _ in range(2)]
+        dist.all_gather(both, mine, group=group)
+        cond, uncond = both
+        return uncond + scale * (cond - uncond)
+
+    return cfg_parallel

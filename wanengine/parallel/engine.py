@@ -1,0 +1,130 @@
+"""`ParallelEngine`: the `Engine` for a torchrun job, with the parallel modes applied from
+outside to the unchanged models (spec `parallel.md`, `pipeline.md` section 7).
+
+What differs from the single-device engine, hook by hook:
+- `__init__`: joins the process groups (one rank per device, `npu:<LOCAL_RANK>` /
+  `cuda:<LOCAL_RANK>` / cpu); only rank 0 shows progress.
+- `_load`: experts get the Ulysses patch (`--ulysses-size`), and are built sharded
+  (`--dit-fsdp`, no rank holds a full expert; the experts then stay on the device, no
+  offload); the UMT5 encoder likewise (`--t5-fsdp`); the VAE is wrapped to split the frame
+  over all ranks (`--vae-parallel`).
+- `generate`: the seed is rank 0's (broadcast), so every rank draws the same noise.
+- `guidance`: with `--cfg-size 2`, branch 0 computes the conditional and branch 1 the
+  unconditional prediction (`cfg_parallel`).
+- `decode`: all ranks decode their tile with `--vae-parallel`; otherwise only rank 0 decodes
+  and the other ranks return a video with no frames (they write nothing).
+"""
+from __future__ import annotations
+
+import atexit
+import random
+from dataclasses import replace
+from typing import Any, Dict
+
+import torch
+
+from ..config import EngineConfig, GenerationOptions
+from ..device import resolve_device
+from ..engine import Engine
+from ..errors import ConfigError
+from ..experts import ExpertSwitcher
+from ..io.checkpoint import EXPERTS
+from .cfg_parallel import make_cfg_parallel_guidance
+from .fsdp import load_dit_sharded, load_t5_sharded, reshard, world_mesh
+from .groups import ParallelState, broadcast_int, init_parallel, shutdown
+from .ulysses import apply_ulysses
+from .vae_split import apply_vae_split
+
+
+class ParallelEngine(Engine):
+    """`Engine` for one rank of a `torchrun --nproc_per_node=cfg_size*ulysses_size` job.
+    Every rank must construct it and call `generate` with the same arguments."""
+
+    def __init__(self, cfg: EngineConfig) -> None:
+        cfg = cfg.validate()
+        device_type = resolve_device(cfg.device).type
+        if cfg.t5_fsdp and cfg.t5_cpu and device_type != "cpu":
+            raise ConfigError("--t5-fsdp with --t5-cpu: a sharded text encoder runs on the devices; drop one of them")
+        self.parallel: ParallelState = init_parallel(cfg.cfg_size, cfg.ulysses_size, device_type)
+        atexit.register(shutdown)
+        changes: Dict[str, Any] = {"progress": cfg.progress and self.parallel.is_writer}
+        if device_type != "cpu":
+            changes["device"] = str(self.parallel.device)
+        if cfg.dit_fsdp and cfg.offload_model is None:
+            changes["offload_model"] = False  # shards stay on the device; swapping them buys nothing
+        super().__init__(replace(cfg, **changes))
+
+    # ------------------------------------------------------------------ loading
+    def _load(self) -> None:
+        state = self.parallel
+        if self.cfg.dit_fsdp or self.cfg.t5_fsdp:
+            self._load_sharded()
+        else:
+            super()._load()
+            if state.ulysses_size > 1:
+                for expert in self.experts.experts.values():
+                    apply_ulysses(expert, state.ulysses_group)
+        if self.cfg.vae_parallel:
+            self.vae = apply_vae_split(self.vae, state.world_group)
+
+    def _load_sharded(self) -> None:
+        """`Engine._load` with the experts and/or UMT5 built sharded (FSDP) as they load."""
+        from ..models import load_dit, load_t5, load_tokenizer, load_vae
+
+        cfg, state, host = self.cfg, self.parallel, torch.device("cpu")
+        mesh = world_mesh(self.device.type)
+
+        def ulysses(model):  # before sharding: the patch must sit on the model, not on a wrapper
+            return apply_ulysses(model, state.ulysses_group) if state.ulysses_size > 1 else model
+
+        with self.load_timer.stage("load"):
+            self.tokenizer = load_tokenizer(self.layout.root)
+            if cfg.t5_fsdp:
+                self.t5_home = self.device
+                self.t5 = load_t5_sharded(self.layout.t5, device=self.device, dtype=self.dtype, mesh=mesh)
+            else:
+                self.t5_home = host if (cfg.t5_cpu or self.offload) else self.device
+                self.t5 = load_t5(self.layout.t5, device=self.t5_home, dtype=self.dtype)
+            self.vae = load_vae(self.layout.vae, device=self.device, dtype=self.vae_dtype)
+            if cfg.dit_fsdp:
+                experts = {name: load_dit_sharded(self.layout.expert(name), device=self.device, dtype=self.dtype,
+                                                  mesh=mesh, prepare=ulysses) for name in EXPERTS}
+            else:
+                home = host if self.offload else self.device
+                experts = {name: ulysses(load_dit(self.layout.expert(name), device=home, dtype=self.dtype))
+                           for name in EXPERTS}
+            self.experts = ExpertSwitcher(experts, self.device, self.offload)
+
+    # ------------------------------------------------------------------ stages
+    def encode_text(self, prompts):
+        rows = super().encode_text(prompts)
+        if self.cfg.t5_fsdp:
+            reshard(self.t5)  # FSDP keeps a root unit's gathered weights after its forward
+        return rows
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        if self.cfg.vae_parallel or self.parallel.is_writer:
+            return super().decode(latent)
+        _, frames, lat_h, lat_w = latent.shape  # nothing to write here: an empty clip
+        return torch.empty(3, 0, 8 * lat_h, 8 * lat_w, dtype=torch.float32, device=latent.device)
+
+    def generate(self, image, opts: GenerationOptions, *, on_step=None):
+        seed = opts.seed if opts.seed >= 0 else random.randint(0, 2**31 - 1)
+        seed = broadcast_int(seed, src=0)  # the CLI draws a seed per process: rank 0's wins
+        return super().generate(image, opts.with_seed(seed), on_step=on_step)
+
+    # ------------------------------------------------------------------ hooks
+    def guidance(self):
+        if self.parallel.cfg_size == 2:
+            return make_cfg_parallel_guidance(self.parallel.cfg_rank, self.parallel.cfg_group)
+        return super().guidance()
+
+    def draw_seed(self) -> int:
+        return broadcast_int(super().draw_seed(), src=0)
+
+    def metadata(self, opts, seed, timer):
+        data = super().metadata(opts, seed, timer)
+        data["parallel"] = {"world_size": self.parallel.world_size, "cfg_size": self.parallel.cfg_size,
+                            "ulysses_size": self.parallel.ulysses_size, "dit_fsdp": self.cfg.dit_fsdp,
+                            "t5_fsdp": self.cfg.t5_fsdp, "vae_parallel": self.cfg.vae_parallel}
+        return data
