@@ -214,7 +214,6 @@ def case_fsdp(args, rank: int, world: int) -> dict:
 
 
 def case_e2e(args, rank: int, world: int) -> dict:
-    import torch
     from safetensors.torch import save_file
 
     from helpers import golden_dir
@@ -257,7 +256,6 @@ def case_device(args, rank: int, world: int) -> dict:
 
     device_type = args.device_type
     meta = json.loads((golden_dir() / "meta.json").read_text())["i2v"]
-    want = load_file(str(golden_dir() / "i2v.safetensors"))
     report: dict = {}
     for dtype in ("float32", "bfloat16"):
         cfg = EngineConfig(ckpt_dir=str(golden_dir() / "ckpt"), device=device_type, dtype=dtype, progress=False,

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import re
 import sys
-import time
 from pathlib import Path
 from typing import Callable, List, Optional
 

@@ -21,7 +21,7 @@ from .experts import ExpertSwitcher
 from .io.checkpoint import EXPERTS, preflight_checkpoint
 from .io.image import ImageLike, image_to_tensor, open_image
 from .io.video import Video
-from .pipeline import (HIGH, StepInfo, batched_cfg, conditioning_video, denoise, first_frame_mask, initial_noise,
+from .pipeline import (StepInfo, batched_cfg, conditioning_video, denoise, first_frame_mask, initial_noise,
                        seq_len_for, sequential_cfg)
 from .progress import StepProgress
 from .schedulers import make_sampler

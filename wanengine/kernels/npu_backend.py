@@ -29,7 +29,7 @@ Precision relative to `reference.py` (the semantics):
 from __future__ import annotations
 
 import os
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F

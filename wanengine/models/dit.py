@@ -379,13 +379,11 @@ class WanDiT(nn.Module):
         u = u.permute(0, 7, 1, 4, 2, 5, 3, 6)  # [B, c, f, pf, h, ph, w, pw]
         return u.reshape(out.shape[0], c, f * pf, h * ph, w * pw)
 
-    # ---- the whole forward ----
-    def forward(self, x: torch.Tensor, t: Union[torch.Tensor, float, int], context: Context, y: torch.Tensor,
-                seq_len: Optional[int] = None) -> torch.Tensor:
-        """Flow prediction for latents `x [B, 16, F, H, W]` with conditioning `y [B, 20, F, H, W]`,
-        timesteps `t [B]` (or a scalar), text rows `context` (list of `[n_i, 4096]` or a padded
-        `[B, 512, 4096]` tensor) and `seq_len >= L` padded tokens (default L) -> `[B, 16, F, H, W]`
-        float32. Unbatched `x [16, F, H, W]` / `y` with a single `[n, 4096]` context also work."""
+    # ---- the whole forward, in three reusable stages ----
+    def embed_inputs(self, x: torch.Tensor, t: Union[torch.Tensor, float, int], context: Context, y: torch.Tensor,
+                     seq_len: Optional[int] = None, *, seq_multiple: int = 1) -> "DiTInputs":
+        """Everything before the blocks: patchified tokens (unpadded), per-sample time and text
+        embeddings, and `seq_len` (default L) rounded up to a multiple of `seq_multiple`."""
         unbatched = x.dim() == 4
         if unbatched:
             x, y = x[None], y[None]
@@ -395,9 +393,7 @@ class WanDiT(nn.Module):
         seq_len = num_tokens if seq_len is None else int(seq_len)
         if seq_len < num_tokens:
             raise ValueError(f"seq_len {seq_len} is smaller than the {num_tokens} tokens of the latent")
-        if seq_len > num_tokens:
-            tokens = torch.cat((tokens, tokens.new_zeros(bsz, seq_len - num_tokens, tokens.shape[2])), dim=1)
-
+        seq_len = -(-seq_len // seq_multiple) * seq_multiple
         t = torch.as_tensor(t).reshape(-1)
         if t.numel() == 1 and bsz > 1:
             t = t.expand(bsz)
@@ -406,11 +402,51 @@ class WanDiT(nn.Module):
         if t.numel() != bsz or text.shape[0] != bsz:
             raise ValueError(f"batch of {bsz} latents needs {bsz} timesteps and contexts; "
                              f"got {t.numel()} and {text.shape[0]}")
-        cos, sin = self.rope_tables(grid, seq_len, tokens.device)
         # Host-side key lengths: backends read them without a device->host sync.
         k_lens = torch.full((bsz,), num_tokens, dtype=torch.int32)
+        return DiTInputs(tokens, grid, seq_len, e, e0, text, k_lens, unbatched)
 
+    def run_blocks(self, tokens: torch.Tensor, inputs: "DiTInputs", cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """The block stack and the head on `tokens [B, S, D]` (all of the padded sequence or one
+        rank's chunk, with the matching RoPE rows) -> `[B, S, out * prod(patch)]` float32."""
         for block in self.blocks:
-            tokens = block(tokens, e0, text, cos, sin, k_lens)
-        out = self.unpatchify(self.head(tokens, e), grid)  # [B, 16, F, H, W] float32
-        return out[0] if unbatched else out
+            tokens = block(tokens, inputs.e0, inputs.text, cos, sin, inputs.k_lens)
+        return self.head(tokens, inputs.e)
+
+    def finish(self, out: torch.Tensor, inputs: "DiTInputs") -> torch.Tensor:
+        """Head output of the whole padded sequence -> `[B, 16, F, H, W]` (or unbatched)."""
+        video = self.unpatchify(out, inputs.grid)
+        return video[0] if inputs.unbatched else video
+
+    def forward(self, x: torch.Tensor, t: Union[torch.Tensor, float, int], context: Context, y: torch.Tensor,
+                seq_len: Optional[int] = None) -> torch.Tensor:
+        """Flow prediction for latents `x [B, 16, F, H, W]` with conditioning `y [B, 20, F, H, W]`,
+        timesteps `t [B]` (or a scalar), text rows `context` (list of `[n_i, 4096]` or a padded
+        `[B, 512, 4096]` tensor) and `seq_len >= L` padded tokens (default L) -> `[B, 16, F, H, W]`
+        float32. Unbatched `x [16, F, H, W]` / `y` with a single `[n, 4096]` context also work."""
+        inputs = self.embed_inputs(x, t, context, y, seq_len)
+        tokens = inputs.padded_tokens(0, inputs.seq_len)
+        cos, sin = self.rope_tables(inputs.grid, inputs.seq_len, tokens.device)
+        return self.finish(self.run_blocks(tokens, inputs, cos, sin), inputs)
+
+
+@dataclass
+class DiTInputs:
+    """The per-call state shared by all blocks (see `WanDiT.embed_inputs`)."""
+
+    tokens: torch.Tensor  # [B, L, D] float32, unpadded
+    grid: Tuple[int, int, int]
+    seq_len: int
+    e: torch.Tensor  # [B, D] float32
+    e0: torch.Tensor  # [B, 6, D] float32
+    text: torch.Tensor  # [B, text_len, D]
+    k_lens: torch.Tensor  # [B] real tokens, on the host
+    unbatched: bool
+
+    def padded_tokens(self, start: int, end: int) -> torch.Tensor:
+        """Rows [start, end) of the sequence zero-padded to seq_len, without building all of it."""
+        local = self.tokens[:, start:min(end, self.tokens.shape[1])]
+        missing = (end - start) - local.shape[1]
+        if missing > 0:
+            local = torch.cat((local, local.new_zeros(local.shape[0], missing, local.shape[2])), dim=1)
+        return local

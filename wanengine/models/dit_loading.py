@@ -169,7 +169,7 @@ def _read_tensor(handle, record: _TensorRecord) -> torch.Tensor:
     return buffer.view(record.dtype).reshape(record.shape)
 
 
-def _stream(records: List[_TensorRecord]) -> Iterator[Tuple[str, torch.Tensor]]:
+def stream_tensors(records: List[_TensorRecord]) -> Iterator[Tuple[str, torch.Tensor]]:
     """Open each shard once and yield its tensors in file order, one at a time."""
     by_shard: Dict[Path, List[_TensorRecord]] = {}
     for record in records:
@@ -193,7 +193,7 @@ def load_dit(expert_dir: Union[str, "os.PathLike[str]"], *, device: Union[str, t
     plan = inspect_expert(expert_dir)
     with torch.device("meta"):
         model = WanDiT(plan.config)
-    return assign_streaming(model, _stream(plan.records), device=device, dtype=dtype, source=plan.source,
+    return assign_streaming(model, stream_tensors(plan.records), device=device, dtype=dtype, source=plan.source,
                             keep_float32=keep_float32)
 
 

@@ -12,7 +12,7 @@ import os
 import re
 from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, List, Mapping, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Dict, List, Mapping, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -255,6 +255,13 @@ def load_t5(path: Union[str, "os.PathLike[str]"], *, device: Union[str, torch.de
     and each tensor is moved to its target once, so no full float32 copy of an 11 GB file is
     ever made. Raises CheckpointError naming the file (and tensor) on any mismatch.
     """
+    model, state, source = open_t5(path)
+    return assign_streaming(model, iter_state_dict(state), device=device, dtype=dtype, source=source)
+
+
+def open_t5(path: Union[str, "os.PathLike[str]"]) -> Tuple[UMT5Encoder, Dict[str, torch.Tensor], str]:
+    """The checked first half of loading: (the encoder built on the meta device, the
+    memory-mapped state dict, the file name for messages). Sharded loaders reuse it."""
     source = os.fspath(path)
     state = load_pth_state_dict(source)
     shapes = {name: tuple(t.shape) for name, t in state.items()}
@@ -262,7 +269,7 @@ def load_t5(path: Union[str, "os.PathLike[str]"], *, device: Union[str, torch.de
     with torch.device("meta"):
         model = UMT5Encoder(cfg)
     check_names_and_shapes(expected_shapes(model), shapes, source)
-    return assign_streaming(model, iter_state_dict(state), device=device, dtype=dtype, source=source)
+    return model, state, source
 
 
 @torch.no_grad()

@@ -14,7 +14,6 @@ so the host peak is the root's tensors plus one block rather than a whole expert
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Tuple, Union
 
 import torch
@@ -138,27 +137,22 @@ def load_dit_sharded(expert_dir: Union[str, "os.PathLike[str]"], *, device: torc
                      mesh, prepare: Optional[Callable[[nn.Module], nn.Module]] = None) -> nn.Module:
     """One expert, FSDP-sharded over `mesh` as it loads: meta build -> `prepare` (e.g. the
     Ulysses patch) -> shard -> allocate the shards on `device` -> stream the checkpoint."""
-    from ..models.dit import DiTConfig, WanDiT
-    from ..models.dit_loading import CONFIG_NAME, FLOAT32_PARAMS, _plan, _stream
-    from ..models.loading import check_names_and_shapes, expected_shapes
+    from ..models.dit import WanDiT
+    from ..models.dit_loading import FLOAT32_PARAMS, inspect_expert, stream_tensors
 
-    expert_dir = Path(expert_dir)
-    if not expert_dir.is_dir():
-        raise CheckpointError(f"{expert_dir}: expert directory not found")
-    config = DiTConfig.from_json(expert_dir / CONFIG_NAME)
-    source, records = _plan(expert_dir)
+    plan = inspect_expert(expert_dir)  # every check load_dit makes, from the headers
+    source, records = plan.source, plan.records
     with torch.device("meta"):
-        model = WanDiT(config)
-    check_names_and_shapes(expected_shapes(model), {r.name: r.shape for r in records}, source)
+        model = WanDiT(plan.config)
     _cast_meta(model, dtype, FLOAT32_PARAMS)
     if prepare is not None:
         model = prepare(model)
     if fsdp2_available():
         apply_fsdp(model, mesh, units=DIT_UNITS)
         model.to_empty(device=device)
-        copy_into_shards(model, _stream(records), source)
+        copy_into_shards(model, stream_tensors(records), source)
         return model.eval().requires_grad_(False)
-    return _fsdp1_streamed(model, _stream(records), device, source, units=DIT_UNITS)
+    return _fsdp1_streamed(model, stream_tensors(records), device, source, units=DIT_UNITS)
 
 
 def load_t5_sharded(path: Union[str, "os.PathLike[str]"], *, device: torch.device, dtype: torch.dtype,
@@ -166,16 +160,10 @@ def load_t5_sharded(path: Union[str, "os.PathLike[str]"], *, device: torch.devic
     """The UMT5 encoder, FSDP-sharded over `mesh` as it loads (the `.pth` is memory-mapped and
     read one tensor at a time). The token embedding and every block are their own units;
     the root is not sharded because `UMT5Encoder.encode` calls `self.forward` directly."""
-    from ..models.loading import check_names_and_shapes, expected_shapes, iter_state_dict, load_pth_state_dict
-    from ..models.t5 import T5Config, UMT5Encoder
+    from ..models.loading import iter_state_dict
+    from ..models.t5 import open_t5
 
-    source = os.fspath(path)
-    state = load_pth_state_dict(source)
-    shapes = {name: tuple(t.shape) for name, t in state.items()}
-    cfg = T5Config.from_state_dict_shapes(shapes, source)
-    with torch.device("meta"):
-        model = UMT5Encoder(cfg)
-    check_names_and_shapes(expected_shapes(model), shapes, source)
+    model, state, source = open_t5(path)
     _cast_meta(model, dtype, ())
     if fsdp2_available():
         apply_fsdp(model, mesh, units=("token_embedding",), shard_root=False)

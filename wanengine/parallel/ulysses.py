@@ -17,7 +17,6 @@ this: the single-device model is the specification, and `remove_ulysses` undoes 
 """
 from __future__ import annotations
 
-import math
 import types
 from typing import Optional
 
@@ -82,39 +81,13 @@ def gather_sequence(x: torch.Tensor, sp: int, group: Optional[dist.ProcessGroup]
 def _ulysses_forward(self, x: torch.Tensor, t, context, y: torch.Tensor, seq_len: Optional[int] = None) -> torch.Tensor:
     """`WanDiT.forward` with the token sequence split over the Ulysses group (same contract)."""
     sp, rank, group = self._ulysses_size, self._ulysses_rank, self._ulysses_group
-    unbatched = x.dim() == 4
-    if unbatched:
-        x, y = x[None], y[None]
-    bsz = x.shape[0]
-    tokens, grid = self.patchify(x, y)  # [B, L, D] float32
-    num_tokens = tokens.shape[1]
-    seq_len = num_tokens if seq_len is None else int(seq_len)
-    if seq_len < num_tokens:
-        raise ValueError(f"seq_len {seq_len} is smaller than the {num_tokens} tokens of the latent")
-    seq_len = int(math.ceil(seq_len / sp) * sp)  # every rank gets an equal chunk
-    chunk = seq_len // sp
+    inputs = self.embed_inputs(x, t, context, y, seq_len, seq_multiple=sp)  # every rank gets an equal chunk
+    chunk = inputs.seq_len // sp
     start, end = rank * chunk, (rank + 1) * chunk
-    # This rank's rows of the zero-padded sequence, without building the padded whole.
-    local = tokens[:, start:min(end, num_tokens)]
-    if local.shape[1] < chunk:
-        local = torch.cat((local, local.new_zeros(bsz, chunk - local.shape[1], local.shape[2])), dim=1)
-
-    t = torch.as_tensor(t).reshape(-1)
-    if t.numel() == 1 and bsz > 1:
-        t = t.expand(bsz)
-    e, e0 = self.embed_time(t)  # [B, D], [B, 6, D]
-    text = self.embed_text(context)  # [B, text_len, D]
-    if t.numel() != bsz or text.shape[0] != bsz:
-        raise ValueError(f"batch of {bsz} latents needs {bsz} timesteps and contexts; "
-                         f"got {t.numel()} and {text.shape[0]}")
-    cos, sin = self.rope_tables(grid, seq_len, local.device, start=start, end=end)  # global positions
-    k_lens = torch.full((bsz,), num_tokens, dtype=torch.int32)  # host-side, as in WanDiT.forward
-
-    for block in self.blocks:
-        local = block(local, e0, text, cos, sin, k_lens)
-    out = gather_sequence(self.head(local, e), sp, group)  # [B, seq_len, out * 4]
-    out = self.unpatchify(out, grid)
-    return out[0] if unbatched else out
+    local = inputs.padded_tokens(start, end)  # this rank's rows, without building the padded whole
+    cos, sin = self.rope_tables(inputs.grid, inputs.seq_len, local.device, start=start, end=end)  # global positions
+    out = gather_sequence(self.run_blocks(local, inputs, cos, sin), sp, group)  # [B, seq_len, out * 4]
+    return self.finish(out, inputs)
 
 
 def apply_ulysses(model: nn.Module, group: Optional[dist.ProcessGroup]) -> nn.Module:
