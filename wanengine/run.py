@@ -81,6 +81,10 @@ def run_i2v(plan: RunPlan, say: Callable[..., None] = lambda message, level=1: p
     from .engine import Engine
     from .parallel import is_writer, make_engine
 
+    if not is_writer():  # one rank speaks for a torchrun job
+        def say(message: str, level: int = 1) -> None:
+            return None
+
     width, height = plan.frame_size
     say(f"i2v: {width}x{height}, {plan.opts.frame_num} frames, {plan.opts.steps} {plan.opts.solver} steps, "
         f"seed {plan.opts.seed}")
