@@ -106,6 +106,7 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--layers", type=int, default=40)
     parser.add_argument("--quick", action="store_true", help="720p only for the full forward")
+    parser.add_argument("--reps", type=int, default=1, help="timed repetitions of the full forward")
     parser.add_argument("--smoke", action="store_true", help="tiny dims on the CPU: checks the script runs")
     args = parser.parse_args()
     global DEV, D, HEADS, FFN, SIZES
@@ -167,9 +168,9 @@ def main() -> None:
         ctx = [torch.randn(120, 4096, device=DEV)]
         torch.cuda.reset_peak_memory_stats()
         with torch.no_grad():
-            secs = timed(lambda: model(lat, torch.tensor([900.0]), ctx, y, tokens), 1)
+            secs = timed(lambda: model(lat, torch.tensor([900.0]), ctx, y, tokens), args.reps)
         total = flops * args.layers
-        row(size=name, what=f"full forward ({args.layers} blocks)", tokens=tokens, seconds=secs,
+        row(size=name, what=f"full forward ({args.layers} blocks, mean of {args.reps})", tokens=tokens, seconds=secs,
             tflops=total / secs / 1e12, mfu=total / secs / 1e12 / PEAK_TFLOPS,
             peak_gb=torch.cuda.max_memory_allocated() / 1e9)
     if args.json:
