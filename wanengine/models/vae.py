@@ -132,7 +132,7 @@ class WanVAE(nn.Module):
         h = torch.cat([self.encoder(chunk, cache) for chunk in chunks], dim=2)
         mu = self.conv1(h)[:, :self.config.z_dim].float()  # the log-variance half is unused
         mean, std = self._latent_stats(mu.shape[1])
-        latent = (mu - mean) / std
+        latent = ((mu - mean) / std).contiguous()  # plain layout out, whatever the convs used
         return latent if batched else latent[0]
 
     @torch.no_grad()
