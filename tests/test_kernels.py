@@ -364,10 +364,11 @@ def _unconfigure() -> None:
     dispatch._active, dispatch._active_name = None, None
 
 
-def test_auto_on_cpu_picks_reference() -> None:
-    assert kernels.configure("auto", "cpu") == "reference"
-    assert kernels.current_backend() == "reference"
+def test_auto_picks_the_torch_fused_backend_on_cpu_and_cuda() -> None:
+    assert kernels.configure("auto", "cpu") == "cuda"
+    assert kernels.current_backend() == "cuda"
     assert kernels.resolve_backend("auto", "cuda") == "cuda"
+    assert kernels.resolve_backend("reference", "cpu") == "reference"  # only when asked for
 
 
 def test_cuda_backend_can_be_forced_on_cpu() -> None:
@@ -388,7 +389,7 @@ def test_no_env_var_auto_resolves_from_the_first_tensor(monkeypatch: pytest.Monk
     _unconfigure()
     monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
     kernels.layer_norm(torch.randn(2, 8), None, None, 1e-6)
-    assert kernels.current_backend() == "reference"
+    assert kernels.current_backend() == "cuda"
 
 
 def test_unknown_backend_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -404,7 +405,7 @@ def test_npu_without_torch_npu_is_a_config_error(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setitem(sys.modules, "torch_npu", None)  # makes it unimportable even if installed
     with pytest.raises(ConfigError, match="torch_npu"):
         kernels.configure("npu")
-    assert kernels.resolve_backend("auto", "cpu") == "reference"
+    assert kernels.resolve_backend("auto", "cpu") == "cuda"
 
 
 def test_public_functions_route_to_the_configured_backend(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,7 +1,9 @@
-"""CUDA kernels backend: fused attention (flash-attn or PyTorch SDPA) and lean elementwise ops.
+"""The torch-fused kernels backend (named `cuda`; `auto` picks it on CUDA and on the CPU):
+fused attention (flash-attn or PyTorch SDPA) and lean elementwise ops.
 
-Same five functions and the same semantics as `reference.py`; every function also runs on
-CPU tensors (the tests exercise it there), only the flash-attn path needs a CUDA device.
+Same five functions and the same semantics as `reference.py`; every function runs on CPU
+tensors as well (SDPA's CPU flash kernel, `F.rms_norm`, one-pass LayerNorm), only the
+flash-attn path needs a CUDA device.
 
 Choices made once, at import (no per-call `try/except ImportError`):
 - `FLASH_ATTN_AVAILABLE`: `flash_attn` (v2 API: `flash_attn_func`, `flash_attn_varlen_func`)
