@@ -189,6 +189,38 @@ def _linear_in(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     return x.to(next(layer.parameters()).dtype)
 
 
+@dataclass
+class TextEmbedding:
+    """Embedded text `[B, text_len, D]` kept as its distinct rows.
+
+    The prompts are zero-padded to text_len before the text MLP, so every padded row embeds to
+    the same vector. `rows [B, n, D]` (n = the longest prompt) are the prompt rows (shorter
+    prompts padded to n), `pad [1, 1, D]` is the embedded zero row that all rows from n on
+    equal, or None when n == text_len. Row-wise maps (`map`) run on the n + 1 distinct rows
+    only; the result is the same as on all text_len rows (cross-attention still sees them all).
+    """
+
+    rows: torch.Tensor
+    pad: Optional[torch.Tensor]
+    length: int
+
+    @property
+    def batch(self) -> int:
+        return self.rows.shape[0]
+
+    def map(self, fn) -> torch.Tensor:
+        """`fn` (row-wise) applied to the distinct rows -> `[B, text_len, ...]`."""
+        head = fn(self.rows)
+        if self.pad is None:
+            return head
+        tail = fn(self.pad).expand(head.shape[0], self.length - head.shape[1], *head.shape[2:])
+        return torch.cat((head, tail), dim=1)
+
+    def full(self) -> torch.Tensor:
+        """`[B, text_len, D]`."""
+        return self.map(lambda rows: rows)
+
+
 class SelfAttention(nn.Module):
     """q/k/v/o projections, RMSNorm over the full D on q and k, 3-D RoPE, masked attention."""
 
@@ -224,12 +256,17 @@ class CrossAttention(nn.Module):
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """`x [B, S, D]`, `context [B, T, D]` (parameter dtype) -> `[B, S, D]`."""
+    def forward(self, x: torch.Tensor, context: Union[torch.Tensor, TextEmbedding]) -> torch.Tensor:
+        """`x [B, S, D]`, `context [B, T, D]` or a `TextEmbedding` (parameter dtype) -> `[B, S, D]`."""
         bsz, seqlen, _ = x.shape
         q = self.norm_q(self.q(x)).view(bsz, seqlen, self.num_heads, self.head_dim)
-        k = self.norm_k(self.k(context)).view(bsz, -1, self.num_heads, self.head_dim)
-        v = self.v(context).view(bsz, -1, self.num_heads, self.head_dim)
+        if isinstance(context, TextEmbedding):  # project the distinct rows only
+            k = context.map(lambda rows: self.norm_k(self.k(rows)))
+            v = context.map(self.v)
+        else:
+            k, v = self.norm_k(self.k(context)), self.v(context)
+        k = k.view(bsz, -1, self.num_heads, self.head_dim)
+        v = v.view(bsz, -1, self.num_heads, self.head_dim)
         return self.o(kernels.attention(q, k, v, scale=self.head_dim ** -0.5).flatten(2))
 
 
@@ -247,12 +284,12 @@ class DiTBlock(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(dim, config.ffn_dim), nn.GELU(approximate="tanh"),
                                  nn.Linear(config.ffn_dim, dim))
 
-    def forward(self, x: torch.Tensor, e0: torch.Tensor, context: torch.Tensor, cos: torch.Tensor,
-                sin: torch.Tensor, k_lens: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, e0: torch.Tensor, context: Union[torch.Tensor, TextEmbedding],
+                cos: torch.Tensor, sin: torch.Tensor, k_lens: Optional[torch.Tensor]) -> torch.Tensor:
         """x `[B, S, D]` float32 residual stream (S: the whole padded sequence or a chunk of it),
         e0 `[B, 6, D]` float32 time modulation (per sample, broadcast over tokens),
-        context `[B, T, D]` embedded text, cos/sin `[1, S, 1, d]` rows of x's tokens,
-        k_lens `[B]` real-token count of the full sequence -> `[B, S, D]` float32."""
+        context `[B, T, D]` embedded text (or a `TextEmbedding`), cos/sin `[1, S, 1, d]` rows of
+        x's tokens, k_lens `[B]` real-token count of the full sequence -> `[B, S, D]` float32."""
         mod = (self.modulation.float() + e0.float()).unsqueeze(2)  # [B, 6, 1, D]
         shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn = mod.unbind(1)  # each [B, 1, D]
 
@@ -328,7 +365,10 @@ class WanDiT(nn.Module):
         u = torch.cat((x, y), dim=1)
         u = self.patch_embedding(_linear_in(u, self.patch_embedding))  # [B, D, f, h, w]
         grid = (int(u.shape[2]), int(u.shape[3]), int(u.shape[4]))
-        return u.flatten(2).transpose(1, 2).float(), grid  # [B, L, D], (f, h, w) row-major tokens
+        # One copy into a contiguous float32 [B, L, D]: a transposed view would make every op of
+        # every block inherit its strides (and LayerNorm / the linears copy it back each time).
+        tokens = u.flatten(2).transpose(1, 2).to(torch.float32, memory_format=torch.contiguous_format)
+        return tokens, grid  # [B, L, D], (f, h, w) row-major tokens
 
     def embed_time(self, t: Union[torch.Tensor, float, int]) -> Tuple[torch.Tensor, torch.Tensor]:
         """Timesteps `[B]` (or a scalar) -> `e [B, D]`, `e0 [B, 6, D]`, both float32, once per sample."""
@@ -343,15 +383,31 @@ class WanDiT(nn.Module):
         """Text rows (a list of `[n_i, 4096]`, a `[B, n, 4096]` or a single `[n, 4096]` tensor),
         each zero-padded to text_len, -> `[B, text_len, D]` in parameter dtype. The padded rows
         are not zero after the MLP and cross-attention sees all of them (as the reference)."""
+        stacked = self._stack_text(context, self.config.text_len)  # [B, text_len, 4096]
+        return self.text_embedding(_linear_in(stacked, self.text_embedding))
+
+    def embed_text_rows(self, context: Context) -> TextEmbedding:
+        """`embed_text` as a `TextEmbedding`: the MLP runs on the prompt rows and one zero row
+        instead of all text_len rows (the padded rows all embed to that one row)."""
+        rows = self._stack_text(context, None)  # [B, n, 4096], n = the longest prompt
+        bsz, longest, text_dim = rows.shape
+        if longest == self.config.text_len:
+            return TextEmbedding(self.text_embedding(_linear_in(rows, self.text_embedding)), None, longest)
+        flat = torch.cat((rows.reshape(bsz * longest, text_dim), rows.new_zeros(1, text_dim)))
+        embedded = self.text_embedding(_linear_in(flat, self.text_embedding))  # [B * n + 1, D]
+        return TextEmbedding(embedded[:-1].view(bsz, longest, -1), embedded[-1:].view(1, 1, -1), self.config.text_len)
+
+    def _stack_text(self, context: Context, length: Optional[int]) -> torch.Tensor:
+        """Validated rows zero-padded to `length` (None: the longest) -> `[B, length, 4096]`."""
         rows = [context] if isinstance(context, torch.Tensor) and context.dim() == 2 else list(context)
         text_len, text_dim = self.config.text_len, self.config.text_dim
-        padded = []
         for i, r in enumerate(rows):
             if r.dim() != 2 or r.shape[1] != text_dim or r.shape[0] > text_len:
                 raise ValueError(f"context[{i}] must be [n <= {text_len}, {text_dim}], got {tuple(r.shape)}")
-            padded.append(torch.cat((r, r.new_zeros(text_len - r.shape[0], text_dim))) if r.shape[0] < text_len else r)
-        stacked = torch.stack(padded).to(self.patch_embedding.weight.device)  # [B, text_len, 4096]
-        return self.text_embedding(_linear_in(stacked, self.text_embedding))
+        length = max([r.shape[0] for r in rows] + [1]) if length is None else length
+        padded = [torch.cat((r, r.new_zeros(length - r.shape[0], text_dim))) if r.shape[0] < length else r
+                  for r in rows]
+        return torch.stack(padded).to(self.patch_embedding.weight.device)
 
     def rope_tables(self, grid: Sequence[int], seq_len: int, device: Union[str, torch.device], *,
                     dtype: torch.dtype = torch.float32, start: int = 0, end: Optional[int] = None
@@ -398,10 +454,10 @@ class WanDiT(nn.Module):
         if t.numel() == 1 and bsz > 1:
             t = t.expand(bsz)
         e, e0 = self.embed_time(t)  # [B, D], [B, 6, D]
-        text = self.embed_text(context)  # [B, text_len, D]
-        if t.numel() != bsz or text.shape[0] != bsz:
+        text = self.embed_text_rows(context)  # [B, text_len, D] as its distinct rows
+        if t.numel() != bsz or text.batch != bsz:
             raise ValueError(f"batch of {bsz} latents needs {bsz} timesteps and contexts; "
-                             f"got {t.numel()} and {text.shape[0]}")
+                             f"got {t.numel()} and {text.batch}")
         # Host-side key lengths: backends read them without a device->host sync.
         k_lens = torch.full((bsz,), num_tokens, dtype=torch.int32)
         return DiTInputs(tokens, grid, seq_len, e, e0, text, k_lens, unbatched)
@@ -439,7 +495,7 @@ class DiTInputs:
     seq_len: int
     e: torch.Tensor  # [B, D] float32
     e0: torch.Tensor  # [B, 6, D] float32
-    text: torch.Tensor  # [B, text_len, D]
+    text: TextEmbedding  # [B, text_len, D], as its distinct rows
     k_lens: torch.Tensor  # [B] real tokens, on the host
     unbatched: bool
 
