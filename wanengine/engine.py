@@ -134,7 +134,7 @@ class Engine:
         with timer.stage("denoise"), progress:
             latent = denoise(get_expert=self.experts.get, sampler=sampler, latent=noise, y=y, contexts=contexts,
                              seq_len=self.seq_len(noise.shape), guide_scale=opts.guidance,
-                             guidance=self.guidance(), on_step=step_done)
+                             guidance=self.guidance(), on_step=step_done, prefetch=self.experts.prefetch)
         with timer.stage("VAE decode"):
             video = self.decode(latent)
         metadata = self.metadata(opts, seed, timer)

@@ -96,6 +96,19 @@ def sequential_cfg(expert: Expert, latent: torch.Tensor, t: int, contexts: Tuple
     return uncond + scale * (cond - uncond)
 
 
+PREFETCH_STEPS = 2  # an expert switch is announced this many steps ahead
+
+
+def next_expert_within(timesteps: Sequence[int], index: int, steps: int) -> Optional[str]:
+    """The expert that takes over within the `steps` steps after step `index`, if it is not
+    the one step `index` uses; else None."""
+    current = expert_for(timesteps[index])
+    for t in timesteps[index + 1:index + 1 + max(steps, 0)]:
+        if expert_for(t) != current:
+            return expert_for(t)
+    return None
+
+
 @dataclass
 class StepInfo:
     index: int
@@ -114,21 +127,35 @@ def denoise(
     guide_scale: Tuple[float, float],
     guidance: Guidance = batched_cfg,
     on_step: Optional[Callable[[StepInfo, torch.Tensor], None]] = None,
+    prefetch: Optional[Callable[[str], object]] = None,
+    prefetch_steps: int = PREFETCH_STEPS,
 ) -> torch.Tensor:
     """Run the sampler from `latent` (noise) to the final latent.
 
     `guide_scale` is (low_noise, high_noise). Every latent is checked for NaN/Inf; on the CPU
     right away, on an accelerator through per-step flags read once at the end, so the loop
     never waits on the device except to read the (host-side) timesteps.
+
+    `prefetch(name)`, when given, is called at each of the `prefetch_steps` steps that precede
+    a switch to expert `name` (the timesteps are known up front), after the current expert is
+    in place and has run at least one step (so the device's activation peak is known), and
+    before the step's work is queued: an expert provider can start moving `name` in while the
+    current expert still computes.
     """
     timesteps: List[int] = [int(t) for t in sampler.timesteps.tolist()]
     nonfinite = torch.zeros(len(timesteps), dtype=torch.bool, device=latent.device)
     immediate = latent.device.type == "cpu"
+    previous = None
     for index, t in enumerate(timesteps):
         name = expert_for(t)
+        expert = get_expert(name)
+        upcoming = next_expert_within(timesteps, index, prefetch_steps)
+        if prefetch is not None and upcoming is not None and name == previous:
+            prefetch(upcoming)
+        previous = name
         scale = guide_scale[1] if name == HIGH else guide_scale[0]
         with torch.no_grad():
-            flow = guidance(get_expert(name), latent, t, contexts, y, seq_len, scale)
+            flow = guidance(expert, latent, t, contexts, y, seq_len, scale)
             latent = sampler.step(flow, t, latent)
         nonfinite[index] = ~torch.isfinite(latent).all()
         info = StepInfo(index, t, name)
