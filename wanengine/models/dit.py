@@ -321,6 +321,16 @@ class DiTHead(nn.Module):
         return self.head(_linear_in(z, self.head)).float()
 
 
+def host_to_device(tensor: torch.Tensor, device: Union[str, torch.device]) -> torch.Tensor:
+    """Copy a small host tensor to `device` without stalling the host: from page-locked memory
+    with `non_blocking` on accelerators (a pageable copy makes the host wait for the device,
+    once per forward -- seen with CUDA's sync-debug mode on an H200)."""
+    device = torch.device(device)
+    if device.type in ("cuda", "npu") and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     """`[B]` timesteps -> `[B, dim]` float32 `concat(cos(t f), sin(t f))`, f_j = 10000^(-j/half).
     Computed in float64 on the CPU (some accelerators lack float64), then cast to float32."""
@@ -374,7 +384,7 @@ class WanDiT(nn.Module):
         """Timesteps `[B]` (or a scalar) -> `e [B, D]`, `e0 [B, 6, D]`, both float32, once per sample."""
         device = self.patch_embedding.weight.device
         t = torch.as_tensor(t).reshape(-1)
-        emb = sinusoidal_embedding(t, self.config.freq_dim).to(device)  # [B, freq_dim]
+        emb = host_to_device(sinusoidal_embedding(t, self.config.freq_dim), device)  # [B, freq_dim]
         e = self.time_embedding(_linear_in(emb, self.time_embedding)).float()  # [B, D]
         e0 = self.time_projection(_linear_in(e, self.time_projection)).float()  # [B, 6D]
         return e, e0.unflatten(1, (6, self.config.dim))
@@ -419,7 +429,7 @@ class WanDiT(nn.Module):
         tables = self._rope_cache.get(key)
         if tables is None:
             cos, sin = rope_cos_sin(grid, seq_len, self.config.head_dim, start=start, end=end)
-            tables = (cos.to(device=device, dtype=dtype), sin.to(device=device, dtype=dtype))
+            tables = (host_to_device(cos.to(dtype), device), host_to_device(sin.to(dtype), device))
             self._rope_cache[key] = tables
             while len(self._rope_cache) > _ROPE_CACHE_SIZE:
                 self._rope_cache.popitem(last=False)
