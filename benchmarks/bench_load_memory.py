@@ -21,27 +21,13 @@ from typing import Dict, List
 
 import torch
 
+from _memory import reset_peak, status_kib  # benchmarks/ is on sys.path when run as a script
+
 CONFIG = {"_class_name": "WanModel", "dim": 1536, "eps": 1e-06, "ffn_dim": 8960, "freq_dim": 256,
           "in_dim": 36, "model_type": "i2v", "num_heads": 12, "num_layers": 10, "out_dim": 16, "text_len": 512}
 BLOCKS_PER_SHARD = 2
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0); False where not permitted."""
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-        return True
-    except OSError:
-        return False
 
 
 # --------------------------------------------------------------------------- writer (parent)
@@ -84,18 +70,18 @@ def measure(expert_dir: str, dtype_name: str) -> Dict:
     from wanengine.models.dit_loading import load_dit
 
     dtype = getattr(torch, dtype_name)
-    reset = _reset_peak()
-    base_rss = _status_kib("VmRSS")
-    base_hwm = _status_kib("VmHWM")
+    reset = reset_peak()
+    base_rss = status_kib("VmRSS")
+    base_hwm = status_kib("VmHWM")
     start = time.perf_counter()
     model = load_dit(expert_dir, device="cpu", dtype=dtype)
     seconds = time.perf_counter() - start
-    peak_load = _status_kib("VmHWM")
+    peak_load = status_kib("VmHWM")
     checksum = 0.0
     for param in model.parameters():  # touch every page of every parameter
         checksum += float(param.sum())
-    peak_touch = _status_kib("VmHWM")
-    rss_after = _status_kib("VmRSS")
+    peak_touch = status_kib("VmHWM")
+    rss_after = status_kib("VmRSS")
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     baseline = base_rss if reset else base_hwm  # without a reset, the import peak is the floor
     return {"weights_bytes": weights, "peak_rise_load_kib": peak_load - baseline,

@@ -27,6 +27,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from _memory import reset_peak, status_kib  # benchmarks/ is on sys.path when run as a script
+
 # (label, width, height, latent frames, tile_rows or None, fast path)
 Config = Tuple[str, int, int, int, Optional[int], bool]
 CONFIGS: List[Config] = [
@@ -44,21 +46,6 @@ CONFIGS: List[Config] = [
 QUICK = [c for c in CONFIGS if c[0] != "720p" and c[3] < 3]
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def measure(width: int, height: int, frames: int, tile_rows: Optional[int], fast: bool) -> Dict:
@@ -70,13 +57,13 @@ def measure(width: int, height: int, frames: int, tile_rows: Optional[int], fast
     torch.manual_seed(0)
     vae = WanVAE(VAEConfig(dim=96)).eval().requires_grad_(False)
     latent = torch.randn(16, frames, height // 8, width // 8)
-    reset = _reset_peak()
-    base = _status_kib("VmRSS") if reset else _status_kib("VmHWM")
+    reset = reset_peak()
+    base = status_kib("VmRSS") if reset else status_kib("VmHWM")
     start = time.perf_counter()
     with torch.no_grad():
         video = vae.decode(latent, tile_rows=tile_rows)
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "peak_rise_kib": _status_kib("VmHWM") - base, "hwm_reset": reset,
+    return {"seconds": seconds, "peak_rise_kib": status_kib("VmHWM") - base, "hwm_reset": reset,
             "video_bytes": video.numel() * video.element_size(), "frames": int(video.shape[1]),
             "fast_path": vae_blocks.CPU_FAST_PATH}
 
