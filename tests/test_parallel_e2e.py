@@ -2,7 +2,7 @@
 in real multi-process runs (gloo on CPU): each must reproduce the single-process golden video
 within 1e-3 max abs (golden README) and the final latent within 1e-4 relative.
 
-One run goes through the CLI under torchrun; the others call `ParallelEngine` directly
+Every mode runs twice: through the CLI under torchrun, and calling `ParallelEngine` directly
 (`_parallel_worker.py e2e`), where rank 1 asks for another seed to prove rank 0's wins."""
 from __future__ import annotations
 
@@ -62,18 +62,22 @@ def torchrun_command() -> list:
     return [found] if found else [sys.executable, "-m", "torch.distributed.run"]
 
 
-def test_cli_under_torchrun_with_ulysses_2(golden: Path, tmp_path: Path) -> None:
+CLI_CASES = {"ulysses2": (2, ["--ulysses-size", "2"]), **CASES}
+
+
+@pytest.mark.parametrize("case", sorted(CLI_CASES))
+def test_cli_under_torchrun(golden: Path, tmp_path: Path, case: str) -> None:
     import json
 
+    world, flags = CLI_CASES[case]
     meta = json.loads((golden / "meta.json").read_text())["i2v"]
     out = tmp_path / "x.safetensors"
-    cmd = [*torchrun_command(), "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+    cmd = [*torchrun_command(), f"--nproc_per_node={world}", "--master_addr=127.0.0.1", f"--master_port={free_port()}",
            "-m", "wanengine.cli", "i2v", "--ckpt-dir", str(golden / "ckpt"), "--image", str(golden / "input.png"),
            "--prompt", meta["prompt"], "--max-area", str(meta["max_area"]), "--frame-num", str(meta["frame_num"]),
            "--sample-steps", str(meta["steps"]), "--sample-shift", str(meta["shift"]),
            "--sample-solver", meta["solver"], "--guide-scale", ",".join(str(g) for g in meta["guide_scale"]),
-           "--seed", str(meta["seed"]), "--ulysses-size", "2", "--dtype", "float32", "--device", "cpu",
-           "--out", str(out)]
+           "--seed", str(meta["seed"]), *flags, "--dtype", "float32", "--device", "cpu", "--out", str(out)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
