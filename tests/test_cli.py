@@ -63,3 +63,36 @@ def test_unknown_task_is_a_usage_error(captured, capsys):
         cli.main(["i2v", "--task", "t2v-A14B", "--ckpt_dir", "c", "--image", "i", "--prompt", "p"])
     assert info.value.code == 2
     assert "--task" in capsys.readouterr().err
+
+
+def test_plan_command_prints_the_spec_cost(capsys):
+    import json
+
+    with pytest.raises(SystemExit) as info:
+        cli.main(["plan", "--size", "1280*720", "--json"])
+    assert info.value.code in (0, None)
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["size"] == "1280*720"
+    text = json.dumps(plan)
+    assert "75600" in text  # the 720p token count
+
+
+def test_plan_command_rejects_a_bad_layout(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["plan", "--ulysses-size", "3"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--ulysses-size" in err and len(err.strip().splitlines()) == 1
+
+
+def test_info_command_reads_headers_only(golden_ckpt, capsys):
+    import json
+
+    with pytest.raises(SystemExit) as info:
+        cli.main(["info", "--ckpt-dir", str(golden_ckpt), "--json"])
+    assert info.value.code in (0, None)
+    description = json.loads(capsys.readouterr().out)
+    assert description["high_noise_model"]["dtypes"] == {"bfloat16": description["high_noise_model"]["parameters"]}
+    assert description["low_noise_model"]["dtypes"] == {"float32": description["low_noise_model"]["parameters"]}
+    assert description["high_noise_model"]["shards"] == 7 and description["low_noise_model"]["shards"] == 12
+    assert description["high_noise_model"]["config"]["num_heads"] == 2
