@@ -1,6 +1,7 @@
 """Cost model behind `wanengine plan`: FLOP, memory per device and a time estimate for one
 image-to-video run, from the model sizes in `constants.json` and the run layout alone (no
-weights, no device). `make_plan(...)` returns a frozen `Plan`; `format_plan(plan)` renders it.
+weights, no device). `make_plan(...)` returns a frozen `Plan`; `format_plan(plan)` (in
+`plan_format`) renders it; parameter counts come from `param_counts`.
 
 Sources: spec `dit.md` (Cost: per block `12 L D^2 + 4 L D ffn` linear and `4 L^2 D` attention
 FLOP), `pipeline.md` (sizing, via `config.latent_grid`), `parallel.md` (what each parallel
@@ -54,114 +55,8 @@ DEVICE_PRESETS: Dict[str, DevicePreset] = {p.name: p for p in (
 )}
 
 
-# --------------------------------------------------------------------------- parameter counts
-def count_dit_params(dim: int, ffn_dim: int, freq_dim: int, num_layers: int, in_dim: int, out_dim: int,
-                     text_dim: int = 4096, **_: object) -> Tuple[int, int]:
-    """Parameters of one WanDiT expert from its dims (spec dit.md, Tensors) -> (total, per block)."""
-    patch = PATCH[0] * PATCH[1] * PATCH[2]
-    linear = lambda n_in, n_out: n_in * n_out + n_out  # noqa: E731  weight + bias
-    attention = 4 * linear(dim, dim) + 2 * dim  # q, k, v, o + RMSNorm q, k (over all of D)
-    block = (6 * dim                                    # modulation [1, 6, D]
-             + 2 * attention                            # self- and cross-attention
-             + 2 * dim                                  # norm3 (affine LayerNorm)
-             + linear(dim, ffn_dim) + linear(ffn_dim, dim))
-    embeddings = (dim * in_dim * patch + dim                          # patch Conv3d
-                  + linear(text_dim, dim) + linear(dim, dim)          # text MLP
-                  + linear(freq_dim, dim) + linear(dim, dim)          # time MLP
-                  + linear(dim, 6 * dim))                             # time projection
-    head = 2 * dim + linear(dim, out_dim * patch)
-    return embeddings + num_layers * block + head, block
-
-
-def count_t5_params(vocab_size: int, dim: int, dim_attn: int, dim_ffn: int, num_heads: int, num_layers: int,
-                    num_buckets: int, **_: object) -> int:
-    """UMT5 encoder parameters from its dims (spec t5.md; no biases, per-block position tables)."""
-    block = 2 * dim + 4 * dim * dim_attn + 3 * dim * dim_ffn + num_buckets * num_heads
-    return vocab_size * dim + num_layers * block + dim
-
-
-class _VaeTally:
-    """Walks the VAE layout of spec vae.md, adding up parameters, FLOP and causal-cache bytes.
-    Extents are totals over the clip: `frames` output frames of `h x w` pixels."""
-
-    def __init__(self) -> None:
-        self.params = 0
-        self.flops = 0.0
-        self.cache_bytes = 0.0  # float32 frames each temporal conv keeps from the previous chunk
-
-    def conv(self, cin: int, cout: int, kernel: Tuple[int, int, int], frames: float, h: int, w: int,
-             cached_frames: int = 0) -> None:
-        volume = kernel[0] * kernel[1] * kernel[2]
-        self.params += cin * cout * volume + cout
-        self.flops += 2.0 * cin * cout * volume * frames * h * w
-        self.cache_bytes += 4.0 * cached_frames * cin * h * w
-
-    def res(self, cin: int, cout: int, frames: float, h: int, w: int) -> None:
-        self.params += cin + cout  # two RMS_norm gammas
-        self.conv(cin, cout, (3, 3, 3), frames, h, w, cached_frames=2)
-        self.conv(cout, cout, (3, 3, 3), frames, h, w, cached_frames=2)
-        if cin != cout:
-            self.conv(cin, cout, (1, 1, 1), frames, h, w)
-
-    def attention(self, c: int, frames: float, h: int, w: int) -> None:
-        pixels = h * w  # single-head attention over one frame
-        self.params += c + (3 * c * c + 3 * c) + (c * c + c)
-        self.flops += frames * (2.0 * 4 * c * c * pixels + 4.0 * pixels * pixels * c)
-
-
-def vae_encoder_tally(c: int, z: int, mult: List[int], res_blocks: int, temporal: List[bool],
-                      frames: int, h: int, w: int) -> _VaeTally:
-    """Encoder over a `frames x h x w` video (chunks of 1, 4, 4, ... frames)."""
-    tally, dims = _VaeTally(), [c * m for m in [1] + list(mult)]
-    tally.conv(3, dims[0], (3, 3, 3), frames, h, w, cached_frames=2)
-    for stage, (cin, cout) in enumerate(zip(dims[:-1], dims[1:])):
-        for i in range(res_blocks):
-            tally.res(cin if i == 0 else cout, cout, frames, h, w)
-        if stage < len(mult) - 1:
-            h, w = h // 2, w // 2
-            tally.conv(cout, cout, (1, 3, 3), frames, h, w)  # stride-2 Conv2d
-            if temporal[stage]:  # stride-2 time conv on every chunk but the first
-                tally.conv(cout, cout, (3, 1, 1), (frames - 1) / 2, h, w, cached_frames=1)
-                frames = 1 + (frames - 1) // 2
-    top = dims[-1]
-    tally.res(top, top, frames, h, w), tally.attention(top, frames, h, w), tally.res(top, top, frames, h, w)
-    tally.params += top
-    tally.conv(top, 2 * z, (3, 3, 3), frames, h, w, cached_frames=2)
-    tally.conv(2 * z, 2 * z, (1, 1, 1), frames, h, w)  # top-level conv1
-    return tally
-
-
-def vae_decoder_tally(c: int, z: int, mult: List[int], res_blocks: int, temporal: List[bool],
-                      latent_frames: int, h: int, w: int) -> _VaeTally:
-    """Decoder from a `latent_frames x h x w` latent (one latent frame per chunk)."""
-    tally, frames = _VaeTally(), latent_frames
-    dims = [c * m for m in [mult[-1]] + list(reversed(mult))]
-    up_temporal = list(reversed(temporal))
-    tally.conv(z, z, (1, 1, 1), frames, h, w)  # top-level conv2
-    tally.conv(z, dims[0], (3, 3, 3), frames, h, w, cached_frames=2)
-    tally.res(dims[0], dims[0], frames, h, w), tally.attention(dims[0], frames, h, w)
-    tally.res(dims[0], dims[0], frames, h, w)
-    for stage, (cin, cout) in enumerate(zip(dims[:-1], dims[1:])):
-        cin = cin // 2 if stage > 0 else cin  # every upsample halves the channels
-        for i in range(res_blocks + 1):
-            tally.res(cin if i == 0 else cout, cout, frames, h, w)
-        if stage < len(mult) - 1:
-            if up_temporal[stage]:  # time conv to 2C channels, interleaved into twice the frames
-                tally.conv(cout, 2 * cout, (3, 1, 1), frames - 1, h, w, cached_frames=2)
-                frames = 1 + 2 * (frames - 1)
-            h, w = 2 * h, 2 * w
-            tally.conv(cout, cout // 2, (1, 3, 3), frames, h, w)  # nearest 2x, then Conv2d
-    tally.params += dims[-1]
-    tally.conv(dims[-1], 3, (3, 3, 3), frames, h, w, cached_frames=2)
-    return tally
-
-
-def count_vae_params(dim: int, z_dim: int, dim_mult: List[int], num_res_blocks: int,
-                     temporal_downsample: List[bool], **_: object) -> int:
-    """Wan2.1 VAE parameters (encoder + decoder + the two top-level 1x1 convs)."""
-    args = (dim, z_dim, list(dim_mult), num_res_blocks, list(temporal_downsample))
-    return vae_encoder_tally(*args, 1, 8, 8).params + vae_decoder_tally(*args, 1, 1, 1).params
-
+from .param_counts import (VaeTally, count_dit_params, count_t5_params, count_vae_params,  # noqa: F401 (re-exported)
+                           vae_decoder_tally, vae_encoder_tally)
 
 # --------------------------------------------------------------------------- the plan
 @dataclass(frozen=True)
@@ -404,7 +299,7 @@ def _t5_flops(t5: dict, params: int) -> float:
 def _memory(*, offload: bool, capacity: Optional[float], dtype: str, world: int, ulysses: int, cfg: bool,
             cfg_size: int, dit_fsdp: bool, t5_fsdp: bool, t5_cpu: bool, cfg_batch: bool, vae_parallel: bool,
             geometry: Geometry, dit: dict, dit_params: int, block_params: int, t5: dict, t5_params: int,
-            vae_params: int, vae_dim: int, encoder: _VaeTally, decoder: _VaeTally) -> Memory:
+            vae_params: int, vae_dim: int, encoder: VaeTally, decoder: VaeTally) -> Memory:
     """Per-device bytes in the four phases of a run: text encoding, VAE encode, denoising, decode."""
     width = DTYPE_BYTES[dtype]
     experts = 1 if offload else 2
@@ -550,79 +445,8 @@ def _assumptions(preset: Optional[DevicePreset], peak: Optional[float], eff: flo
     return tuple(out)
 
 
-# --------------------------------------------------------------------------- rendering
-def _si(value: float, unit: str = "FLOP") -> str:
-    for scale, prefix in ((1e18, "E"), (1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M")):
-        if abs(value) >= scale:
-            return f"{value / scale:.3g} {prefix}{unit}"
-    return f"{value:.3g} {unit}"
+def format_plan(plan: "Plan") -> str:
+    """The plan as printed tables (see `wanengine.plan_format`)."""
+    from .plan_format import format_plan as render
 
-
-def _seconds(value: Optional[float]) -> str:
-    if value is None:
-        return "n/a"
-    return f"{value:.2f} s" if value < 100 else f"{value:.0f} s ({value / 60:.1f} min)"
-
-
-def format_plan(plan: Plan) -> str:
-    """A readable multi-line table of the plan (what `wanengine plan` prints)."""
-    g, f, m, t = plan.geometry, plan.flops, plan.memory, plan.timing
-    lines: List[str] = []
-    row = lambda label, *cols: lines.append(f"  {label:<32}" + "".join(f"{c:>14}" for c in cols).rstrip())  # noqa: E731
-    parallel = [name for name, on in (("DiT FSDP", plan.dit_fsdp), ("T5 FSDP", plan.t5_fsdp),
-                                      ("T5 on CPU", plan.t5_cpu), ("VAE parallel", plan.vae_parallel)) if on]
-    lines.append(f"wanengine plan: {g.width}x{g.height}, {plan.frame_num} frames, {plan.steps} steps "
-                 f"({plan.solver}), guidance {'on' if plan.cfg else 'off'}")
-    lines.append(f"layout: {plan.world_size} device(s) = cfg {plan.cfg_size} x ulysses {plan.ulysses_size}"
-                 f"{'; ' + ', '.join(parallel) if parallel else ''}; offload {'on' if plan.offload else 'off'}; "
-                 f"{plan.dtype}")
-    if plan.peak_tflops is not None:
-        capacity = f", {m.capacity / GB:.0f} GB" if m.capacity else ""
-        lines.append(f"device: {plan.device or 'custom'}: {plan.peak_tflops:g} TFLOP/s x {plan.efficiency:.2f} "
-                     f"efficiency{capacity}")
-    lines.append("Geometry")
-    row("output frame", f"{g.width} x {g.height} x {g.frame_num}")
-    row("latent", " x ".join(str(n) for n in g.latent))
-    row("DiT tokens L", f"{g.tokens:,}")
-    row("seq_len (per rank)", f"{g.seq_len:,} ({g.tokens_per_rank:,})")
-    lines.append("Parameters")
-    width = DTYPE_BYTES[plan.dtype]
-    expert = plan.dit_params_per_expert
-    row("DiT, one expert", f"{expert / 1e9:.2f} B", f"{expert * width / GB:.1f} GB")
-    row("UMT5-XXL encoder", f"{plan.t5_params / 1e9:.2f} B", f"{plan.t5_params * width / GB:.1f} GB")
-    row("VAE", f"{plan.vae_params / 1e6:.1f} M", f"{plan.vae_params * 4 / GB:.2f} GB")
-    lines.append("Compute" + " " * 27 + f"{'whole run':>14}{'per device':>14}")
-    share = f.attention_per_block / (f.attention_per_block + f.linear_per_block)
-    row("linear / block", _si(f.linear_per_block))
-    row(f"attention / block ({share:.0%})", _si(f.attention_per_block))
-    row("one forward", _si(f.per_forward), _si(f.per_device_forward))
-    row(f"one step ({f.forwards_per_step} forwards)", _si(f.per_step), _si(f.per_device_step))
-    if f.forwards_per_device_step != f.forwards_per_step:
-        row("", "", f"({f.forwards_per_device_step} forward)")
-    row(f"video ({plan.steps} steps)", _si(f.per_video), _si(f.per_device_video))
-    row("T5 / VAE encode / VAE decode", f"{_si(f.t5)} / {_si(f.vae_encode)} / {_si(f.vae_decode)}")
-    lines.append("Memory per device (GB)" + " " * 12 + "".join(f"{p:>14}" for p in PHASES))
-    for label, *values in m.rows:
-        row(label, *(f"{v / GB:.2f}" if v else "-" for v in values))
-    row("total", *(f"{v / GB:.2f}" for v in m.phases))
-    of = f" of {m.capacity / GB:.0f} GB" if m.capacity else ""
-    lines.append(f"  peak {m.peak / GB:.1f} GB in the {m.peak_phase} phase{of}")
-    if t is not None:
-        lines.append("Time estimate (one device)")
-        row("compute / step", _seconds(t.compute_per_step_s))
-        for label, value in (("Ulysses all-to-all / step", t.ulysses_comm_per_step_s),
-                             ("CFG exchange / step", t.cfg_comm_per_step_s),
-                             ("FSDP all-gather / step (hidden)", t.fsdp_gather_per_step_s)):
-            if value:  # None: no link bandwidth known; 0: that parallel mode is off
-                row(label, _seconds(value))
-        row("step", _seconds(t.per_step_s))
-        row(f"denoising ({plan.steps} steps)", _seconds(t.denoise_s))
-        row("T5 + VAE encode + VAE decode",
-            " + ".join(_seconds(v) for v in (t.t5_s, t.vae_encode_s, t.vae_decode_s)))
-        row("video (without model loading)", _seconds(t.per_video_s))
-    if plan.warnings:
-        lines.append("Warnings")
-        lines.extend(f"  ! {w}" for w in plan.warnings)
-    lines.append("Assumptions")
-    lines.extend(f"  - {a}" for a in plan.assumptions)
-    return "\n".join(lines)
+    return render(plan)
