@@ -372,12 +372,17 @@ class WanDiT(nn.Module):
         pf, ph, pw = self.config.patch_size
         if x.shape[2] % pf or x.shape[3] % ph or x.shape[4] % pw:
             raise ValueError(f"latent size {tuple(x.shape[2:])} is not divisible by the patch {self.config.patch_size}")
-        u = torch.cat((x, y), dim=1)
-        u = self.patch_embedding(_linear_in(u, self.patch_embedding))  # [B, D, f, h, w]
-        grid = (int(u.shape[2]), int(u.shape[3]), int(u.shape[4]))
-        # One copy into a contiguous float32 [B, L, D]: a transposed view would make every op of
-        # every block inherit its strides (and LayerNorm / the linears copy it back each time).
-        tokens = u.flatten(2).transpose(1, 2).to(torch.float32, memory_format=torch.contiguous_format)
+        u = _linear_in(torch.cat((x, y), dim=1), self.patch_embedding)  # [B, C, F, H, W]
+        bsz, chans, frames, height, width = u.shape
+        grid = (frames // pf, height // ph, width // pw)
+        # kernel == stride, so the Conv3d is a matmul over non-overlapping patches. Written as one,
+        # it runs on the matmul path (no TF32 by default on CUDA, unlike cuDNN convolutions, so a
+        # float32 run keeps float32 accuracy) and yields row-major [B, L, D] tokens directly.
+        patches = u.reshape(bsz, chans, grid[0], pf, grid[1], ph, grid[2], pw)
+        patches = patches.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(bsz, -1, chans * pf * ph * pw)  # [B, L, C*pf*ph*pw]
+        weight = self.patch_embedding.weight.flatten(1)  # [D, C*pf*ph*pw], same (c, pf, ph, pw) order
+        tokens = torch.nn.functional.linear(patches, weight, self.patch_embedding.bias)
+        tokens = tokens.to(torch.float32, memory_format=torch.contiguous_format)  # [B, L, D]
         return tokens, grid  # [B, L, D], (f, h, w) row-major tokens
 
     def embed_time(self, t: Union[torch.Tensor, float, int]) -> Tuple[torch.Tensor, torch.Tensor]:
