@@ -184,3 +184,13 @@ def test_denoise_announces_the_switch_after_the_current_expert_ran(timesteps, pr
         if event[0] == "prefetch":  # after this step's expert is in place, before its work
             assert events[i - 1][0] == "get" and events[i + 1][0] == "step"
             assert event[1] == LOW and events[i - 1][1] == HIGH
+
+
+def test_release_returns_the_resident_module_to_its_host_copy():
+    experts, ops, switcher = _switcher(free=10**9)
+    host = _ptrs(experts[LOW])
+    switcher.get(LOW)
+    switcher.release()
+    assert _ptrs(experts[LOW]) == host and switcher._resident is None
+    switcher.release()  # nothing resident: a no-op
+    assert switcher.get(LOW) is experts[LOW] and switcher.swaps == 2

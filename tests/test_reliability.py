@@ -77,3 +77,19 @@ def test_cli_metrics_json_and_no_file_on_failure(golden, golden_ckpt, tmp_path, 
         cli.main(args)
     assert info.value.code == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_offload_gives_the_same_bits_and_moves_each_model_in_once(engine, golden, golden_ckpt):
+    """With offload the text encoder visits the run device only to encode and the experts take
+    turns; on the CPU the moves are no-ops, so the result must be bit-identical."""
+    from wanengine import Engine, EngineConfig
+
+    offloaded = Engine(EngineConfig(ckpt_dir=str(golden_ckpt), device="cpu", dtype="float32", progress=False,
+                                    offload_model=True))
+    got = offloaded.i2v(golden / "input.png", "a cat", seed=3, **SMALL)
+    want = engine.i2v(golden / "input.png", "a cat", seed=3, **SMALL)
+    assert torch.equal(got.tensor, want.tensor)
+    assert offloaded.t5_visits is not None and offloaded.t5_visits.swaps == 1
+    assert offloaded.t5_visits._resident is None  # released after encoding
+    assert offloaded.experts.swaps == 2  # high-noise in, then low-noise in at the boundary
+    assert engine.t5_visits is None and engine.experts.swaps == 0

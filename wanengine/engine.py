@@ -13,6 +13,7 @@ from dataclasses import asdict
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
+from torch import nn
 
 from . import __version__, kernels
 from .config import EngineConfig, GenerationOptions, latent_grid
@@ -51,31 +52,43 @@ class Engine:
 
     # ------------------------------------------------------------------ loading
     def _load(self) -> None:
-        from .models import load_dit, load_t5, load_tokenizer, load_vae
+        from .models import load_tokenizer, load_vae
 
-        host = torch.device("cpu")
         with self.load_timer.stage("load"):
             self.tokenizer = load_tokenizer(self.layout.root)
-            self.t5_home = host if (self.cfg.t5_cpu or self.offload) else self.device
-            self.t5 = load_t5(self.layout.t5, device=self.t5_home, dtype=self.dtype)
+            self.t5 = self.load_text_encoder()
             self.vae = load_vae(self.layout.vae, device=self.device, dtype=self.vae_dtype)
-            expert_home = host if self.offload else self.device
-            experts = {name: load_dit(self.layout.expert(name), device=expert_home, dtype=self.dtype) for name in EXPERTS}
-            self.experts = ExpertSwitcher(experts, self.device, self.offload)
+            self.experts = ExpertSwitcher(self.load_experts(), self.device, self.offload)
+
+    def load_text_encoder(self) -> nn.Module:
+        """UMT5 on the device, or on the host with `t5_cpu` or offload. With offload (and not
+        `t5_cpu`) it visits the device only to encode; its host copy stays, so leaving the
+        device is dropping the device tensors, not copying 11 GB back."""
+        from .models import load_t5
+
+        home = torch.device("cpu") if (self.cfg.t5_cpu or self.offload) else self.device
+        t5 = load_t5(self.layout.t5, device=home, dtype=self.dtype)
+        visits = self.offload and not self.cfg.t5_cpu
+        self.t5_visits = ExpertSwitcher({"t5": t5}, self.device, offload=True) if visits else None
+        return t5
+
+    def load_experts(self) -> Dict[str, nn.Module]:
+        """Both experts, on the host with offload (the switcher moves one in at a time)."""
+        from .models import load_dit
+
+        home = torch.device("cpu") if self.offload else self.device
+        return {name: load_dit(self.layout.expert(name), device=home, dtype=self.dtype) for name in EXPERTS}
 
     # ------------------------------------------------------------------ stages
     def encode_text(self, prompts: Sequence[str]) -> Tuple[torch.Tensor, ...]:
         """Prompts -> per-prompt UMT5 rows `[n_i, 4096]` on the run device."""
-        t5_device = host = torch.device("cpu")
-        if not self.cfg.t5_cpu:
-            t5_device = self.device
+        t5_device = torch.device("cpu") if self.cfg.t5_cpu else self.device
         ids, mask = self.tokenizer(list(prompts))
-        if self.t5_home != t5_device:
-            self.t5.to(t5_device)
+        t5 = self.t5_visits.get("t5") if self.t5_visits is not None else self.t5
         with torch.no_grad():
-            rows = self.t5.encode(ids.to(t5_device), mask.to(t5_device))
-        if self.t5_home != t5_device:
-            self.t5.to(host)  # T5 leaves the accelerator once the prompts are encoded
+            rows = t5.encode(ids.to(t5_device), mask.to(t5_device))
+        if self.t5_visits is not None:
+            self.t5_visits.release()  # T5 leaves the accelerator once the prompts are encoded
         return tuple(r.to(self.device) for r in rows)
 
     def encode_image(self, image: torch.Tensor, frames: int, lat_h: int, lat_w: int, frame_num: int) -> torch.Tensor:
@@ -117,7 +130,7 @@ class Engine:
         """`i2v` on an already opened RGB PIL image and validated options."""
         timer = StageTimer(synchronizer(self.device))
         frames, lat_h, lat_w = latent_grid(image.height, image.width, opts.resolved_max_area, opts.frame_num)
-        seed = opts.seed if opts.seed >= 0 else self.draw_seed()
+        seed = self.resolve_seed(opts.seed)
         with timer.stage("text encode"):
             contexts = self.encode_text([opts.prompt, opts.resolved_negative_prompt])
         with timer.stage("VAE encode"):
@@ -147,8 +160,9 @@ class Engine:
     def guidance(self):
         return batched_cfg if self.cfg.cfg_batch else sequential_cfg
 
-    def draw_seed(self) -> int:
-        return random.randint(0, 2**31 - 1)
+    def resolve_seed(self, seed: int) -> int:
+        """The seed to use: `seed` itself, or a random one when it is negative."""
+        return seed if seed >= 0 else random.randint(0, 2**31 - 1)
 
     def metadata(self, opts: GenerationOptions, seed: int, timer: StageTimer) -> Dict[str, Any]:
         return {

@@ -194,6 +194,12 @@ class ExpertSwitcher:
 
     __call__ = get
 
+    def release(self) -> None:
+        """Move the resident module off the device (its device tensors are dropped; the host
+        copy stays), e.g. the text encoder once the prompts are encoded."""
+        if self.offload and self._resident is not None:
+            self._release(self._resident)
+
     def _release(self, name: str) -> None:
         """Point the expert back at its host copy; its device tensors are freed (no copy back)."""
         for slot in self._slots[name]:

@@ -17,17 +17,16 @@ What differs from the single-device engine, hook by hook:
 from __future__ import annotations
 
 import atexit
-import random
 from dataclasses import replace
 from typing import Any, Dict
 
 import torch
+from torch import nn
 
-from ..config import EngineConfig, GenerationOptions
+from ..config import EngineConfig
 from ..device import resolve_device
 from ..engine import Engine
 from ..errors import ConfigError
-from ..experts import ExpertSwitcher
 from ..io.checkpoint import EXPERTS
 from .cfg_parallel import make_cfg_parallel_guidance
 from .fsdp import load_dit_sharded, load_t5_sharded, reshard, world_mesh
@@ -56,44 +55,28 @@ class ParallelEngine(Engine):
 
     # ------------------------------------------------------------------ loading
     def _load(self) -> None:
-        state = self.parallel
-        if self.cfg.dit_fsdp or self.cfg.t5_fsdp:
-            self._load_sharded()
-        else:
-            super()._load()
-            if state.ulysses_size > 1:
-                for expert in self.experts.experts.values():
-                    apply_ulysses(expert, state.ulysses_group)
+        sharded = self.cfg.dit_fsdp or self.cfg.t5_fsdp
+        self._mesh = world_mesh(self.device.type) if sharded else None
+        super()._load()
         if self.cfg.vae_parallel:
-            self.vae = apply_vae_split(self.vae, state.world_group)
+            self.vae = apply_vae_split(self.vae, self.parallel.world_group)
 
-    def _load_sharded(self) -> None:
-        """`Engine._load` with the experts and/or UMT5 built sharded (FSDP) as they load."""
-        from ..models import load_dit, load_t5, load_tokenizer, load_vae
+    def _ulysses(self, model: nn.Module) -> nn.Module:
+        """Applied before sharding: the patch must sit on the model, not on an FSDP wrapper."""
+        state = self.parallel
+        return apply_ulysses(model, state.ulysses_group) if state.ulysses_size > 1 else model
 
-        cfg, state, host = self.cfg, self.parallel, torch.device("cpu")
-        mesh = world_mesh(self.device.type)
+    def load_text_encoder(self) -> nn.Module:
+        if not self.cfg.t5_fsdp:
+            return super().load_text_encoder()
+        self.t5_visits = None  # sharded over the devices, it stays there
+        return load_t5_sharded(self.layout.t5, device=self.device, dtype=self.dtype, mesh=self._mesh)
 
-        def ulysses(model):  # before sharding: the patch must sit on the model, not on a wrapper
-            return apply_ulysses(model, state.ulysses_group) if state.ulysses_size > 1 else model
-
-        with self.load_timer.stage("load"):
-            self.tokenizer = load_tokenizer(self.layout.root)
-            if cfg.t5_fsdp:
-                self.t5_home = self.device
-                self.t5 = load_t5_sharded(self.layout.t5, device=self.device, dtype=self.dtype, mesh=mesh)
-            else:
-                self.t5_home = host if (cfg.t5_cpu or self.offload) else self.device
-                self.t5 = load_t5(self.layout.t5, device=self.t5_home, dtype=self.dtype)
-            self.vae = load_vae(self.layout.vae, device=self.device, dtype=self.vae_dtype)
-            if cfg.dit_fsdp:
-                experts = {name: load_dit_sharded(self.layout.expert(name), device=self.device, dtype=self.dtype,
-                                                  mesh=mesh, prepare=ulysses) for name in EXPERTS}
-            else:
-                home = host if self.offload else self.device
-                experts = {name: ulysses(load_dit(self.layout.expert(name), device=home, dtype=self.dtype))
-                           for name in EXPERTS}
-            self.experts = ExpertSwitcher(experts, self.device, self.offload)
+    def load_experts(self) -> Dict[str, nn.Module]:
+        if not self.cfg.dit_fsdp:
+            return {name: self._ulysses(expert) for name, expert in super().load_experts().items()}
+        return {name: load_dit_sharded(self.layout.expert(name), device=self.device, dtype=self.dtype,
+                                       mesh=self._mesh, prepare=self._ulysses) for name in EXPERTS}
 
     # ------------------------------------------------------------------ stages
     def encode_text(self, prompts):
@@ -108,19 +91,15 @@ class ParallelEngine(Engine):
         _, frames, lat_h, lat_w = latent.shape  # nothing to write here: an empty clip
         return torch.empty(3, 0, 8 * lat_h, 8 * lat_w, dtype=torch.float32, device=latent.device)
 
-    def generate(self, image, opts: GenerationOptions, *, on_step=None):
-        seed = opts.seed if opts.seed >= 0 else random.randint(0, 2**31 - 1)
-        seed = broadcast_int(seed, src=0)  # the CLI draws a seed per process: rank 0's wins
-        return super().generate(image, opts.with_seed(seed), on_step=on_step)
-
     # ------------------------------------------------------------------ hooks
     def guidance(self):
         if self.parallel.cfg_size == 2:
             return make_cfg_parallel_guidance(self.parallel.cfg_rank, self.parallel.cfg_group)
         return super().guidance()
 
-    def draw_seed(self) -> int:
-        return broadcast_int(super().draw_seed(), src=0)
+    def resolve_seed(self, seed: int) -> int:
+        # Every rank must use rank 0's seed (the CLI draws one per process when none is given).
+        return broadcast_int(super().resolve_seed(seed), src=0)
 
     def metadata(self, opts, seed, timer):
         data = super().metadata(opts, seed, timer)
