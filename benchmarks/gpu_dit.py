@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from wanengine import kernels
 from wanengine.models.dit import DiTConfig, WanDiT
 
+from reference_design import rope_float64_complex  # benchmarks/ is on sys.path when run as a script
+
 PEAK_TFLOPS = 989.0
 D, HEADS, FFN = 5120, 40, 13824
 SIZES = {"480p": (21, 60, 104), "720p": (21, 90, 160)}  # latent F', h, w
@@ -65,23 +67,6 @@ def build(layers: int) -> WanDiT:
     return model.eval().requires_grad_(False)
 
 
-def reference_style_rope(x: torch.Tensor, grid) -> torch.Tensor:
-    """RoPE the reference way: float64 complex tables built per call, complex multiply."""
-    f, h, w = grid
-    d = x.shape[-1]
-    c = d // 2
-    parts = (c - 2 * (c // 3), c // 3, c // 3)
-    tables = []
-    for pairs, n in zip(parts, (f, h, w)):
-        freqs = 1.0 / torch.pow(10000, torch.arange(0, 2 * pairs, 2, dtype=torch.float64, device=x.device) / (2 * pairs))
-        tables.append(torch.polar(torch.ones(n, pairs, dtype=torch.float64, device=x.device),
-                                  torch.outer(torch.arange(n, device=x.device, dtype=torch.float64), freqs)))
-    freq = torch.cat([tables[0][:, None, None].expand(f, h, w, -1), tables[1][None, :, None].expand(f, h, w, -1),
-                      tables[2][None, None, :].expand(f, h, w, -1)], dim=-1).reshape(f * h * w, 1, c)
-    xc = torch.view_as_complex(x[0].to(torch.float64).reshape(x.shape[1], x.shape[2], c, 2))
-    return torch.view_as_real(xc * freq).flatten(2).float()[None].to(x.dtype)
-
-
 def baseline_block(block, x, e0_tokens, context, grid):
     """The block with a per-token modulation tensor and per-call float64 RoPE."""
     mod = (block.modulation.float()[:, None] + e0_tokens).unbind(2)  # each [1, L, D]
@@ -90,8 +75,8 @@ def baseline_block(block, x, e0_tokens, context, grid):
     sa = block.self_attn
     ab = a.to(torch.bfloat16)
     heads = (1, x.shape[1], HEADS, D // HEADS)
-    q = reference_style_rope(sa.norm_q(sa.q(ab)).view(heads), grid)
-    k = reference_style_rope(sa.norm_k(sa.k(ab)).view(heads), grid)
+    q = rope_float64_complex(sa.norm_q(sa.q(ab)).view(heads), grid, x.shape[1])
+    k = rope_float64_complex(sa.norm_k(sa.k(ab)).view(heads), grid, x.shape[1])
     v = sa.v(ab).view(heads)
     attn = sa.o(F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
                 .transpose(1, 2).flatten(2))
