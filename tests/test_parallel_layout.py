@@ -71,3 +71,11 @@ def test_is_writer_is_rank_zero(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_world_size_is_cfg_times_ulysses() -> None:
     cfg = EngineConfig(ckpt_dir="x", cfg_size=2, ulysses_size=4)
     assert cfg.world_size == 8 and cfg.distributed
+
+
+def test_sharded_experts_cannot_be_offloaded(golden_ckpt):
+    from wanengine.parallel.engine import ParallelEngine
+
+    cfg = EngineConfig(ckpt_dir=str(golden_ckpt), device="cpu", dit_fsdp=True, offload_model=True)
+    with pytest.raises(ConfigError, match="--dit-fsdp with --offload-model"):
+        ParallelEngine(cfg)  # refused before any process group or weight

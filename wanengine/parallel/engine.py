@@ -42,6 +42,9 @@ class ParallelEngine(Engine):
     def __init__(self, cfg: EngineConfig) -> None:
         cfg = cfg.validate()
         device_type = resolve_device(cfg.device).type
+        if cfg.dit_fsdp and cfg.offload_model:
+            raise ConfigError("--dit-fsdp with --offload-model: sharded experts stay on the devices "
+                              "(about 1/world of each per card); drop --offload-model")
         if cfg.t5_fsdp and cfg.t5_cpu and device_type != "cpu":
             raise ConfigError("--t5-fsdp with --t5-cpu: a sharded text encoder runs on the devices; drop one of them")
         self.parallel: ParallelState = init_parallel(cfg.cfg_size, cfg.ulysses_size, device_type)
