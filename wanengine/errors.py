@@ -25,3 +25,8 @@ class CheckpointError(UserInputError):
 
 class NumericalError(WanEngineError):
     """A NaN/Inf appeared during sampling (names the step, timestep and expert)."""
+
+
+class GenerationCancelled(WanEngineError):
+    """Raised from an `on_step` callback (or by the engine on a cancellation request) to stop a
+    generation at the next step boundary; nothing is written and the engine stays usable."""
