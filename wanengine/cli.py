@@ -13,9 +13,13 @@ import sys
 from pathlib import Path
 from typing import Callable, List, Optional
 
-import typer
+from . import interrupts
 
-from .errors import UserInputError
+interrupts.install_if_cli_process()  # before the imports below: no traceback for an early Ctrl-C
+
+import typer  # noqa: E402
+
+from .errors import UserInputError  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="wanengine: Wan2.2-I2V-A14B image-to-video inference (Ascend NPU, CUDA, CPU).")
@@ -50,9 +54,12 @@ def handles_errors(command: Callable) -> Callable:
             if _State.debug:
                 raise
             fail(str(exc), 2)
-        except KeyboardInterrupt:
-            print("wanengine: interrupted; no output was written", file=sys.stderr)
-            raise typer.Exit(130)
+        except KeyboardInterrupt:  # reported once, by cli.main (it knows what was written)
+            import signal
+
+            from .interrupts import Interrupted
+
+            raise Interrupted(signal.SIGINT) from None
         except Exception as exc:  # runtime failure: one line unless --debug
             if _State.debug:
                 raise
@@ -105,6 +112,8 @@ def i2v(
     vae_parallel: bool = typer.Option(False, "--vae-parallel", "--vae_parallel", help="Split the VAE over the ranks."),
     metrics_json: Optional[Path] = typer.Option(None, "--metrics-json", help="Write timings, settings, seed, versions."),
     task: str = typer.Option("i2v-A14B", "--task", help="Accepted for reference scripts; must be i2v-A14B."),
+    ignore_memory_check: bool = typer.Option(False, "--ignore-memory-check", rich_help_panel="Reliability",
+                                             help="Run even if the memory estimate exceeds what the device has."),
 ) -> None:
     """Generate a video from an image and a prompt."""
     from .config import EngineConfig, GenerationOptions
@@ -119,7 +128,7 @@ def i2v(
                        offload_model=offload_model, t5_cpu=t5_cpu, vae_tile_rows=vae_tile_rows,
                        ulysses_size=ulysses_size, cfg_size=cfg_size, dit_fsdp=dit_fsdp, t5_fsdp=t5_fsdp,
                        vae_parallel=vae_parallel, progress=_State.verbosity > 0)
-    plan = preflight_run(cfg, opts, image, out, metrics_json)
+    plan = preflight_run(cfg, opts, image, out, metrics_json, ignore_memory_check=ignore_memory_check)
     run_i2v(plan, say=say)
 
 
@@ -207,6 +216,8 @@ def translate_reference_flags(argv: List[str]) -> List[str]:
         if name == "--offload_model":
             if not eq and index + 1 < len(argv) and argv[index + 1].lower() in _REFERENCE_BOOL_VALUES:
                 value, index = argv[index + 1], index + 1
+            if (eq or value) and value.lower() not in _REFERENCE_BOOL_VALUES:
+                raise UserInputError(f"--offload_model: {value!r} is not a boolean; use true/false, 1/0 or yes/no")
             flag = _REFERENCE_BOOL_VALUES.get(value.lower(), True) if (eq or value) else True
             result.append("--offload-model" if flag else "--no-offload-model")
         else:
@@ -215,13 +226,24 @@ def translate_reference_flags(argv: List[str]) -> List[str]:
     return result
 
 
-def main(argv: Optional[List[str]] = None) -> None:
-    """Console-script entry point."""
+def _prepare_arguments(argv: Optional[List[str]]) -> List[str]:
     from .device import ascend_environment_defaults
 
     ascend_environment_defaults()  # before anything imports torch_npu
-    args = translate_reference_flags(list(sys.argv[1:] if argv is None else argv))
-    app(args=args, prog_name="wanengine")
+    return translate_reference_flags(list(sys.argv[1:] if argv is None else argv))
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    """Console-script entry point."""
+    from . import exits
+
+    interrupts.install()  # first: an interrupt from here on is one line, never a traceback
+    try:
+        code = exits.run_app(app, lambda: _prepare_arguments(argv))
+    finally:
+        if argv is not None:  # called from another program (tests): give its signals back
+            interrupts.uninstall()
+    exits.exit_with(code)
 
 
 if __name__ == "__main__":

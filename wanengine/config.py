@@ -140,6 +140,7 @@ class GenerationOptions:
             raise ConfigError(f"--frame-num: {self.frame_num} is not of the form 4n+1 (e.g. 81, 49, 17, 5, 1)")
         if self.steps < 1:
             raise ConfigError(f"--sample-steps: must be >= 1, got {self.steps}")
+        check_generation_bounds(self)
         if not (math.isfinite(self.shift) and self.shift > 0):
             raise ConfigError(f"--sample-shift: must be a positive number, got {self.shift}")
         if self.solver not in SOLVERS:
@@ -168,6 +169,32 @@ class GenerationOptions:
 
     def with_seed(self, seed: int) -> "GenerationOptions":
         return replace(self, seed=seed)
+
+
+def check_generation_bounds(opts: "GenerationOptions") -> None:
+    """The documented upper bounds of `wanengine.limits` (frames, steps, seed range)."""
+    from .limits import MAX_FRAME_NUM, MAX_STEPS, SEED_MAX
+
+    if opts.frame_num > MAX_FRAME_NUM:
+        raise ConfigError(f"--frame-num: {opts.frame_num} is above the limit of {MAX_FRAME_NUM} "
+                          "(1024 latent frames, the model's RoPE positions)")
+    if opts.steps > MAX_STEPS:
+        raise ConfigError(f"--sample-steps: {opts.steps} is above the limit of {MAX_STEPS} (the scheduler's "
+                          "training timesteps)")
+    if isinstance(opts.seed, bool) or not isinstance(opts.seed, int):
+        raise ConfigError(f"--seed: must be an integer, got {opts.seed!r}")
+    if opts.seed > SEED_MAX:
+        raise ConfigError(f"--seed: {opts.seed} is out of range; use 0 .. 2**63-1 (= {SEED_MAX}), "
+                          "or a negative value to draw one")
+
+
+def check_frame_size(width: int, height: int) -> None:
+    """A frame of at most `limits.MAX_SIDE` pixels per side (RoPE positions)."""
+    from .limits import MAX_SIDE
+
+    if max(width, height) > MAX_SIDE:
+        raise ConfigError(f"--size/--max-area: gives a {width}x{height} frame; at most {MAX_SIDE} pixels per side "
+                          "(the model's RoPE positions)")
 
 
 def latent_grid(image_height: int, image_width: int, max_area: int, frame_num: int) -> Tuple[int, int, int]:

@@ -152,15 +152,21 @@ def make_plan(size: Optional[str] = "1280*720", frame_num: int = 81, steps: int 
               device_memory_gb: Optional[float] = None, efficiency: Optional[float] = None,
               vae_tflops: Optional[float] = None, vae_efficiency: Optional[float] = None,
               link_gbps: Optional[float] = None, max_area: Optional[int] = None,
-              image_aspect: Optional[float] = None) -> Plan:
+              image_aspect: Optional[float] = None, model_sizes: Optional[Dict[str, dict]] = None) -> Plan:
     """Cost of one video. `cfg`: guidance on (cond + uncond forwards each step). `world_size`
     None means cfg_size * ulysses_size. `offload` None means on for one device (the engine's
     default). `device` picks a preset (`DEVICE_PRESETS`); explicit figures override it.
     `image_aspect` is the input image's height / width (default: the size's own).
-    Invalid combinations raise ConfigError; wasteful ones become `Plan.warnings`."""
+    Invalid combinations raise ConfigError; wasteful ones become `Plan.warnings`.
+    `model_sizes` ({"dit"|"t5"|"vae": sizes}) replaces the release's sizes from constants.json
+    (the CLI's memory preflight passes the checkpoint's own)."""
+    consts = constants()
+    sizes = model_sizes or {}
+    dit, t5, vae = ({**consts[key], **sizes.get(name, {})} for name, key in
+                    (("dit", "i2v_a14b_dit"), ("t5", "umt5_xxl_encoder"), ("vae", "wan21_vae")))
     preset = _preset(device)
     world = cfg_size * ulysses_size if world_size is None else world_size
-    _validate(frame_num, steps, solver, dtype, world, ulysses_size, cfg_size)
+    _validate(frame_num, steps, solver, dtype, world, ulysses_size, cfg_size, heads=dit["num_heads"])
     offload = (world == 1) if offload is None else bool(offload)
     peak = device_peak_tflops if device_peak_tflops is not None else (preset.peak_tflops if preset else None)
     capacity_gb = device_memory_gb if device_memory_gb is not None else (preset.memory_gb if preset else None)
@@ -176,8 +182,6 @@ def make_plan(size: Optional[str] = "1280*720", frame_num: int = 81, steps: int 
         if not (0 < value <= 1):
             raise ConfigError(f"{flag}: must be in (0, 1] (a fraction of the peak), got {value}")
 
-    consts = constants()
-    dit, t5, vae = consts["i2v_a14b_dit"], consts["umt5_xxl_encoder"], consts["wan21_vae"]
     geometry = _geometry(size, max_area, image_aspect, frame_num, ulysses_size)
     dit_params, block_params = count_dit_params(**dit)
     t5_params, vae_params = count_t5_params(**t5), count_vae_params(**vae)
@@ -236,8 +240,9 @@ def _preset(device: Optional[str]) -> Optional[DevicePreset]:
     return DEVICE_PRESETS[key]
 
 
-def _validate(frame_num: int, steps: int, solver: str, dtype: str, world: int, ulysses: int, cfg_size: int) -> None:
-    heads = constants()["i2v_a14b_dit"]["num_heads"]
+def _validate(frame_num: int, steps: int, solver: str, dtype: str, world: int, ulysses: int, cfg_size: int,
+              heads: Optional[int] = None) -> None:
+    heads = constants()["i2v_a14b_dit"]["num_heads"] if heads is None else heads
     if frame_num < 1 or (frame_num - 1) % 4:
         raise ConfigError(f"--frame-num: {frame_num} is not of the form 4n+1 (e.g. 81, 49, 17, 5, 1)")
     if steps < 1:

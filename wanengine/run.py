@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from .config import EngineConfig, GenerationOptions, latent_grid
+from .config import EngineConfig, GenerationOptions, check_frame_size, latent_grid
 from .errors import ConfigError
 from .io.checkpoint import EXPERTS, preflight_checkpoint
 from .io.image import open_image
+from .io.output_paths import check_output_file, check_run_outputs
 from .io.video import check_output_path
 
 
@@ -54,25 +55,31 @@ def default_output_name(opts: GenerationOptions, frame_size: tuple) -> Path:
 
 
 def preflight_run(cfg: EngineConfig, opts: GenerationOptions, image_path, out: Optional[Path],
-                  metrics_json: Optional[Path]) -> RunPlan:
+                  metrics_json: Optional[Path], ignore_memory_check: bool = False) -> RunPlan:
     """Validate everything a run needs, without reading any weight; returns the plan."""
     cfg.validate()
     opts.validate()
     layout = preflight_checkpoint(cfg.ckpt_dir)
     from .models.dit import DiTConfig
 
-    num_heads = DiTConfig.from_json(layout.expert(EXPERTS[0]) / "config.json").num_heads
-    check_parallel_layout(cfg, num_heads)
+    expert_config = DiTConfig.from_json(layout.expert(EXPERTS[0]) / "config.json")
+    check_parallel_layout(cfg, expert_config.num_heads)
     image = open_image(image_path)
     _, lat_h, lat_w = latent_grid(image.height, image.width, opts.resolved_max_area, opts.frame_num)
     if opts.seed < 0:  # draw now so the file name, the log and the metadata agree
         opts = opts.with_seed(random.randint(0, 2**31 - 1))
     frame_size = (8 * lat_w, 8 * lat_h)
+    check_frame_size(*frame_size)
     out = check_output_path(out if out is not None else default_output_name(opts, frame_size))
     if metrics_json is not None:
-        parent = metrics_json.parent if str(metrics_json.parent) else Path(".")
-        if not parent.is_dir():
-            raise ConfigError(f"--metrics-json: {metrics_json}: directory {parent} does not exist")
+        metrics_json = check_output_file(metrics_json, "--metrics-json")
+    outputs = {"--out": out, **({"--metrics-json": metrics_json} if metrics_json is not None else {})}
+    check_run_outputs(outputs, image=image_path, ckpt_dir=cfg.ckpt_dir)
+    if not ignore_memory_check:
+        from .device import resolve_device
+        from .memory_check import check_memory
+
+        check_memory(cfg, opts, frame_size, layout, expert_config, resolve_device(cfg.device))
     return RunPlan(cfg, opts, image, out, metrics_json, frame_size)
 
 
@@ -87,7 +94,7 @@ def run_i2v(plan: RunPlan, say: Callable[..., None] = lambda message, level=1: p
 
     width, height = plan.frame_size
     say(f"i2v: {width}x{height}, {plan.opts.frame_num} frames, {plan.opts.steps} {plan.opts.solver} steps, "
-        f"seed {plan.opts.seed}")
+        f"seed {plan.opts.seed}", level=0)  # level 0: even --quiet records the seed
     engine = make_engine(plan.cfg) if plan.cfg.distributed else Engine(plan.cfg)
     say(f"engine: device {engine.device}, dtype {plan.cfg.dtype}, kernels {engine.kernel_backend}, "
         f"offload {'on' if engine.offload else 'off'}, loaded in {engine.load_timer.total:.1f} s", level=2)
@@ -114,8 +121,10 @@ def stage_table(timings: dict) -> str:
 
 
 def write_metrics(path: Path, metadata: dict, out: Path) -> None:
-    from .io.video import atomic_path
+    """The metrics JSON, atomically (fsynced, read back) -- never over anything but a complete file."""
+    from . import interrupts
+    from .io.atomic import write_text_atomically
 
     payload = {**metadata, "output": str(out)}
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(payload, indent=1, default=str), encoding="utf-8")
+    write_text_atomically(path, json.dumps(payload, indent=1, default=str))
+    interrupts.note_written(path)

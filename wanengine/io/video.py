@@ -1,60 +1,30 @@
 """The result of a generation (`Video`) and writing it: H.264 mp4 or safetensors, atomically.
 
-Files are first written to a temporary file in the destination directory and renamed into
-place only when complete, so an error or Ctrl-C never leaves a half-written file at the
-final path.
+Files are first written to a temporary file in the destination directory, fsynced, read back
+(the mp4's frame count from its header, the safetensors header and size) and renamed into
+place only when complete (`io.atomic`), so a full disk, an error or a signal never leaves a
+half-written file at the final path or replaces an existing one.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Union
+from typing import Any, Dict, Optional, Union
 
 import torch
 
-from ..errors import UserInputError
+from .atomic import OutputWriteError, atomic_path  # noqa: F401 (atomic_path is re-exported)
 
 SUPPORTED_EXTENSIONS = (".mp4", ".safetensors")
 
 
-def check_output_path(path: Union[str, "os.PathLike[str]"]) -> Path:
-    """Fail before any compute if `path` cannot be written: unsupported extension, missing or
-    read-only directory, or an existing directory at that name."""
-    out = Path(path)
-    if out.suffix.lower() not in SUPPORTED_EXTENSIONS:
-        raise UserInputError(f"--out: {out}: unsupported extension {out.suffix or '(none)'!r}; use .mp4 or .safetensors")
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise UserInputError(f"--out: {out}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserInputError(f"--out: {out}: directory {parent} is not writable")
-    if out.is_dir():
-        raise UserInputError(f"--out: {out} is a directory")
-    return out
+def check_output_path(path: Union[str, "os.PathLike[str]"], flag: str = "--out") -> Path:
+    """Fail before any compute if `path` cannot be written (see `io.output_paths`)."""
+    from .output_paths import check_output_file
 
-
-@contextlib.contextmanager
-def atomic_path(path: Union[str, "os.PathLike[str]"]) -> Iterator[Path]:
-    """Yield a temporary path beside `path` (same extension); rename it onto `path` on success,
-    delete it on any error or interrupt."""
-    final = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.stem}.", suffix=f".partial{final.suffix}", dir=final.parent or ".")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the final file normal permissions
-        os.replace(tmp, final)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+    return check_output_file(path, flag, extensions=SUPPORTED_EXTENSIONS)
 
 
 def to_uint8_frames(video: torch.Tensor) -> torch.Tensor:
@@ -92,27 +62,37 @@ class Video:
         out = check_output_path(path)
         with atomic_path(out) as tmp:
             if out.suffix.lower() == ".mp4":
-                self._write_mp4(tmp)
+                self._write_mp4(tmp, out)
             else:
-                self._write_safetensors(tmp)
+                self._write_safetensors(tmp, out)
+        from .. import interrupts
+
+        interrupts.note_written(out)
         return out
 
-    def _write_mp4(self, path: Path) -> None:
-        import imageio.v2 as imageio
+    def mp4_tags(self) -> Dict[str, Any]:
+        """What the mp4's `comment` tag records: the seed and the generation settings."""
+        return {"seed": self.seed, "fps": self.fps, "settings": self.metadata.get("settings", {}),
+                "wanengine": self.metadata.get("versions", {}).get("wanengine")}
 
-        frames = self.frames.numpy()
-        writer = imageio.get_writer(str(path), fps=self.fps, codec="libx264", quality=8, format="FFMPEG",
-                                    macro_block_size=1, ffmpeg_log_level="error")
-        try:
-            for frame in frames:
-                writer.append_data(frame)
-        finally:
-            writer.close()
+    def _write_mp4(self, path: Path, label: Path) -> None:
+        from .mp4 import write_mp4
 
-    def _write_safetensors(self, path: Path) -> None:
+        write_mp4(path, self.frames.numpy(), self.fps, tags=self.mp4_tags(), label=label)
+
+    def _write_safetensors(self, path: Path, label: Path) -> None:
+        from safetensors import safe_open
         from safetensors.torch import save_file
 
         meta = {"seed": str(self.seed), "fps": str(self.fps)}
         meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in self.metadata.items()})
-        save_file({"video": self.tensor.detach().float().cpu().contiguous(),
-                   "latent": self.latent.detach().float().cpu().contiguous()}, str(path), metadata=meta)
+        tensors = {"video": self.tensor.detach().float().cpu().contiguous(),
+                   "latent": self.latent.detach().float().cpu().contiguous()}
+        save_file(tensors, str(path), metadata=meta)
+        try:  # read the header back: every tensor with its shape, and data covering the file
+            with safe_open(str(path), framework="pt") as handle:
+                shapes = {name: list(handle.get_slice(name).get_shape()) for name in handle.keys()}
+        except Exception as exc:
+            raise OutputWriteError(f"{label}: the written file does not read back ({exc}); nothing was replaced") from None
+        if shapes != {name: list(t.shape) for name, t in tensors.items()}:
+            raise OutputWriteError(f"{label}: the written file does not hold the video and latent; nothing was replaced")

@@ -101,8 +101,8 @@ class DiTConfig:
         try:
             with open(path, "r", encoding="utf-8") as handle:
                 raw = json.load(handle)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"{path}: not a readable JSON config: {exc}") from exc
+        except (OSError, ValueError) as exc:  # ValueError: bad JSON, a 5000-digit number, bad UTF-8
+            raise CheckpointError(f"{path}: not a readable JSON config: {str(exc)[:200]}") from None
         if not isinstance(raw, dict):
             raise CheckpointError(f"{path}: expected a JSON object, found {type(raw).__name__}")
         try:

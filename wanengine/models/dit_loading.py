@@ -103,7 +103,7 @@ def _index_weight_map(index_path: Path) -> Dict[str, str]:
     try:
         with open(index_path, "r", encoding="utf-8") as handle:
             index = json.load(handle)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON, an over-long number, bad UTF-8
         raise CheckpointError(f"{index_path}: not a readable index file: {exc}") from exc
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map or not all(
@@ -223,6 +223,9 @@ def inspect_expert(expert_dir: Union[str, "os.PathLike[str]"]) -> ExpertPlan:
         raise CheckpointError(f"{expert_dir}: expert directory not found ({_LAYOUT})")
     config = DiTConfig.from_json(expert_dir / CONFIG_NAME)
     source, records = _plan(expert_dir)
+    from .config_check import check_dit_config  # before building: sizes come from the config
+
+    check_dit_config(config, {r.name: r.shape for r in records}, str(expert_dir / CONFIG_NAME), source)
     with torch.device("meta"):
         model = WanDiT(config)
     check_names_and_shapes(expected_shapes(model), {r.name: r.shape for r in records}, source)
