@@ -10,7 +10,7 @@ from wanengine import cli, run
 def captured(monkeypatch):
     seen = {}
 
-    def fake_preflight(cfg, opts, image, out, metrics_json):
+    def fake_preflight(cfg, opts, image, out, metrics_json, **options):
         seen.update(cfg=cfg, opts=opts, image=image, out=out, metrics=metrics_json)
         return "plan"
 

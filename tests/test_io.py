@@ -94,7 +94,7 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
     video = _video()
     final = tmp_path / "out.mp4"
 
-    def broken_writer(self, path):
+    def broken_writer(self, path, label):
         path.write_bytes(b"half a video")
         raise OSError("disk full")
 

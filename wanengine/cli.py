@@ -239,7 +239,7 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     interrupts.install()  # first: an interrupt from here on is one line, never a traceback
     try:
-        code = exits.run_app(app, lambda: _prepare_arguments(argv))
+        code = exits.run_app(app, lambda: _prepare_arguments(argv), debug=lambda: _State.debug)
     finally:
         if argv is not None:  # called from another program (tests): give its signals back
             interrupts.uninstall()

@@ -22,6 +22,7 @@ from .experts import ExpertSwitcher
 from .io.checkpoint import EXPERTS, preflight_checkpoint
 from .io.image import ImageLike, image_to_tensor, open_image
 from .io.video import Video
+from .numerics import check_finite, hinted
 from .pipeline import (StepInfo, batched_cfg, conditioning_video, denoise, first_frame_mask, initial_noise,
                        seq_len_for, sequential_cfg)
 from .progress import StepProgress
@@ -144,12 +145,13 @@ class Engine:
             if on_step is not None:
                 on_step(info, latent)
 
-        with timer.stage("denoise"), progress:
+        with timer.stage("denoise"), progress, hinted(self.cfg.dtype, "denoise"):
             latent = denoise(get_expert=self.experts.get, sampler=sampler, latent=noise, y=y, contexts=contexts,
                              seq_len=self.seq_len(noise.shape), guide_scale=opts.guidance,
                              guidance=self.guidance(), on_step=step_done, prefetch=self.experts.prefetch)
         with timer.stage("VAE decode"):
             video = self.decode(latent)
+        check_finite(video, "VAE decode", self.cfg.vae_dtype)  # NaN/Inf VAE weights: an error, not a garbage video
         metadata = self.metadata(opts, seed, timer)
         return Video(tensor=video.cpu(), latent=latent.float().cpu(), fps=16, seed=seed, metadata=metadata)
 

@@ -57,9 +57,11 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     print(f"{PROG}: warning: {text}", file=sys.stderr if file is None else file, flush=True)
 
 
-def run_app(app, args: Callable[[], List[str]], prog_name: str = PROG) -> int:
+def run_app(app, args: Callable[[], List[str]], prog_name: str = PROG,
+            debug: Callable[[], bool] = lambda: False) -> int:
     """Run `app` on the arguments `args()` returns (computed inside, so that its errors and
-    interrupts are handled too); returns the process exit code (the caller exits with it)."""
+    interrupts are handled too); returns the process exit code (the caller exits with it).
+    With `debug()` true, errors propagate with their traceback (interrupts stay one line)."""
     click_errors = _click_exceptions()
     previous_showwarning = warnings.showwarning
     warnings.showwarning = _one_line_warning
@@ -74,6 +76,8 @@ def run_app(app, args: Callable[[], List[str]], prog_name: str = PROG) -> int:
         exc.show()
         return exc.exit_code
     except click_errors.UsageError as exc:
+        if debug():
+            raise
         print(usage_line(exc), file=sys.stderr, flush=True)
         return 2
     except _abort_type():
@@ -82,6 +86,8 @@ def run_app(app, args: Callable[[], List[str]], prog_name: str = PROG) -> int:
         print(f"{PROG}: error: {' '.join(exc.format_message().split())}", file=sys.stderr, flush=True)
         return exc.exit_code
     except UserInputError as exc:
+        if debug():
+            raise
         print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)
         return 2
     finally:

@@ -172,4 +172,4 @@ def denoise(
 def _raise_nonfinite(info: StepInfo, steps: int) -> None:
     raise NumericalError(
         f"non-finite values (NaN/Inf) in the latent after step {info.index + 1}/{steps} "
-        f"(timestep {info.timestep}, expert {info.expert}); try --dtype float32 or bfloat16 instead of float16")
+        f"(timestep {info.timestep}, expert {info.expert})")  # the engine adds the dtype's hint (numerics.hinted)

@@ -66,6 +66,12 @@ def preflight_checkpoint(ckpt_dir: Union[str, "os.PathLike[str]"]) -> Checkpoint
         raise CheckpointError(f"--ckpt-dir: {root}: directory not found")
     layout = CheckpointLayout(root)
     required = [layout.t5, layout.vae, layout.tokenizer_dir / SPM_FILE] + [layout.expert(e) / "config.json" for e in EXPERTS]
+    from .file_kinds import not_a_file_reason
+
+    for path in required:  # present but a directory, FIFO, device: say so rather than "missing"
+        problem = not_a_file_reason(path)
+        if problem is not None and os.path.lexists(path):
+            raise CheckpointError(f"--ckpt-dir: {path}: {problem}")
     missing = [str(p.relative_to(root)) for p in required if not p.is_file()]
     if missing:
         raise CheckpointError(f"--ckpt-dir: {root}: missing {', '.join(missing)} ({LAYOUT_HINT})")

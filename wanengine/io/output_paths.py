@@ -15,19 +15,9 @@ from pathlib import Path
 from typing import Dict, Iterable, Optional, Sequence, Union
 
 from ..errors import UserInputError
+from .file_kinds import file_kind
 
 PathLike = Union[str, "os.PathLike[str]"]
-
-_KINDS = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"),
-          (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory"))
-
-
-def file_kind(mode: int) -> str:
-    for test, name in _KINDS:
-        if test(mode):
-            return name
-    return "not a regular file"
-
 
 def check_output_file(path: PathLike, flag: str, extensions: Optional[Sequence[str]] = None) -> Path:
     """The path to write for `flag` (a symlink resolved to its target), or a UserInputError."""

@@ -121,9 +121,14 @@ def _plan(expert_dir: Path) -> Tuple[str, List[_TensorRecord]]:
         by_shard: Dict[str, List[str]] = {}
         for name, shard in weight_map.items():
             by_shard.setdefault(shard, []).append(name)
+        from ..io.file_kinds import not_a_file_reason
+
         for shard in by_shard:
-            if os.path.basename(shard) != shard or not (expert_dir / shard).is_file():
+            if os.path.basename(shard) != shard or not os.path.lexists(expert_dir / shard):
                 raise CheckpointError(f"{index_path}: names shard {shard!r}, which does not exist in {expert_dir}")
+            problem = not_a_file_reason(expert_dir / shard)
+            if problem is not None:
+                raise CheckpointError(f"{expert_dir / shard}: {problem} (a shard named by {INDEX_NAME})")
     elif single_path.is_file():
         by_shard, source = {SINGLE_NAME: []}, str(single_path)
     else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 from typing import Dict, Iterable, Iterator, Mapping, Optional, Tuple, Union
 
 import torch
@@ -29,19 +30,33 @@ def load_pth_state_dict(path: PathLike) -> Dict[str, torch.Tensor]:
     """Read a flat `dict[str, Tensor]` saved with torch.save, safely (weights_only) and
     memory-mapped where this torch allows; any failure becomes one CheckpointError naming the file."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: file not found")
+    from ..io.file_kinds import not_a_file_reason
+
+    problem = not_a_file_reason(path)
+    if problem is not None:
+        raise CheckpointError(f"{path}: {problem}")
     kwargs = {"map_location": "cpu", "weights_only": True}
     if _torch_load_supports_mmap():
         kwargs["mmap"] = True
     try:
         state = torch.load(path, **kwargs)
     except Exception as exc:  # truncated zip, bad pickle, forbidden global, ...
+        blocked = _blocked_global(str(exc))
+        if blocked is not None:  # not torch's advice to load it unsafely: say what the file is
+            raise CheckpointError(f"{path}: refused: not a plain tensor file -- its pickle needs the Python object "
+                                  f"{blocked}, which could run code; wanengine loads tensors only") from None
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: not a readable torch state dict (corrupt or truncated?): {reason[:200]}") from exc
+        raise CheckpointError(f"{path}: not a readable torch state dict (corrupt or truncated?): {reason[:200]}") from None
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: expected a flat dict of tensors, found {type(state).__name__}")
     return dict(state)
+
+
+def _blocked_global(message: str) -> Optional[str]:
+    """The global torch's weights-only unpickler refused ("Unsupported global: GLOBAL x.y"), if any."""
+    match = re.search(r"Unsupported global: GLOBAL ([\w.]+)", message) or re.search(
+        r"Unsupported (?:operand|class) ([\w.]+)", message)
+    return match.group(1) if match else None
 
 
 def expected_shapes(model: nn.Module) -> Dict[str, Tuple[int, ...]]:
