@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
@@ -64,51 +62,62 @@ def _save_sharded(state: Dict[str, torch.Tensor], expert_dir: Path, config: dict
 
 def write_random_checkpoint(target: Path, seed: int = 0, *, t5_sizes: Optional[Dict] = None,
                             dit_sizes: Optional[Dict] = None, vae_base_width: int = VAE_BASE_WIDTH) -> Path:
-    """Write a random-weight checkpoint in the released layout to `target` (atomically).
+    """Write a random-weight checkpoint in the released layout to `target`, once: a complete
+    checkpoint already there is returned as it is. Built in a staging directory, fsynced,
+    preflighted and renamed into place under a lock (`demo_cache.cached_directory`), so
+    concurrent callers all get a whole checkpoint and none deletes another's.
 
     Sizes default to the demo's (`T5_SIZES`, `DIT_SIZES`, `VAE_BASE_WIDTH`); benchmarks pass
     larger ones (`t5_sizes` are `T5Config` fields except the vocabulary, `dit_sizes` the
     expert's `config.json` values)."""
-    t5_sizes = dict(T5_SIZES if t5_sizes is None else t5_sizes)
-    dit_sizes = dict(DIT_SIZES if dit_sizes is None else dit_sizes)
+    from .demo_cache import cached_directory
+
+    def build(staging: Path) -> None:
+        _write_checkpoint_files(staging, seed, dict(T5_SIZES if t5_sizes is None else t5_sizes),
+                                dict(DIT_SIZES if dit_sizes is None else dit_sizes), vae_base_width)
+
+    return cached_directory(Path(target), build, verify_checkpoint)
+
+
+def verify_checkpoint(root: Path) -> None:
+    """Complete = the marker written last is there and the whole layout passes the preflight."""
+    from .errors import CheckpointError
+    from .io.checkpoint import preflight_checkpoint
+
+    if not (root / "configuration.json").is_file():
+        raise CheckpointError(f"{root}: incomplete (no configuration.json)")
+    preflight_checkpoint(root)
+
+
+def _write_checkpoint_files(staging: Path, seed: int, t5_sizes: Dict, dit_sizes: Dict, vae_base_width: int) -> None:
     from .models.dit import DiTConfig, WanDiT
     from .models.t5 import T5Config, UMT5Encoder
     from .models.vae import VAEConfig, WanVAE
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".demo-", dir=target.parent))
-    try:
-        torch.manual_seed(seed)
-        tok_dir = staging / "google" / "umt5-xxl"
-        tok_dir.mkdir(parents=True)
-        _train_tokenizer(tok_dir)
-        import sentencepiece as spm
+    torch.manual_seed(seed)
+    tok_dir = staging / "google" / "umt5-xxl"
+    tok_dir.mkdir(parents=True)
+    _train_tokenizer(tok_dir)
+    import sentencepiece as spm
 
-        vocab = spm.SentencePieceProcessor(model_file=str(tok_dir / "spiece.model")).get_piece_size()
-        t5 = UMT5Encoder(T5Config(vocab_size=vocab, **t5_sizes))
-        torch.save({k: v.to(torch.bfloat16) for k, v in t5.state_dict().items()},
-                   staging / "models_t5_umt5-xxl-enc-bf16.pth")
-        vae = WanVAE(VAEConfig(dim=vae_base_width))
-        torch.save(vae.state_dict(), staging / "Wan2.1_VAE.pth")
-        for name, dtype, shards in (("high_noise_model", torch.bfloat16, 3), ("low_noise_model", torch.float32, 2)):
-            dit = WanDiT(DiTConfig(**dit_sizes))
-            _save_sharded({k: v.to(dtype) for k, v in dit.state_dict().items()}, staging / name, dit_sizes, shards)
-        (staging / "configuration.json").write_text(json.dumps({"framework": "Pytorch", "task": "image-to-video"}))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target
+    vocab = spm.SentencePieceProcessor(model_file=str(tok_dir / "spiece.model")).get_piece_size()
+    t5 = UMT5Encoder(T5Config(vocab_size=vocab, **t5_sizes))
+    torch.save({k: v.to(torch.bfloat16) for k, v in t5.state_dict().items()}, staging / "models_t5_umt5-xxl-enc-bf16.pth")
+    vae = WanVAE(VAEConfig(dim=vae_base_width))
+    torch.save(vae.state_dict(), staging / "Wan2.1_VAE.pth")
+    for name, dtype, shards in (("high_noise_model", torch.bfloat16, 3), ("low_noise_model", torch.float32, 2)):
+        dit = WanDiT(DiTConfig(**dit_sizes))
+        _save_sharded({k: v.to(dtype) for k, v in dit.state_dict().items()}, staging / name, dit_sizes, shards)
+    # written last: its presence marks a complete checkpoint
+    (staging / "configuration.json").write_text(json.dumps({"framework": "Pytorch", "task": "image-to-video"}))
 
 
 def demo_checkpoint(cache_dir: Optional[Path] = None) -> Path:
-    """The cached demo checkpoint, written on first use."""
-    target = (cache_dir or default_cache_dir()) / f"demo-ckpt-{DEMO_VERSION}"
-    if not (target / "configuration.json").is_file():
-        write_random_checkpoint(target)
-    return target
+    """The cached demo checkpoint, written on first use (safe when demos run concurrently)."""
+    from .demo_cache import check_cache_dir
+
+    root = check_cache_dir(Path(cache_dir) if cache_dir is not None else default_cache_dir())
+    return write_random_checkpoint(root / f"demo-ckpt-{DEMO_VERSION}")
 
 
 def demo_image(width: int = 320, height: int = 256):
@@ -140,6 +149,7 @@ def run_demo(out: Path, *, cache_dir: Optional[Path] = None, seed: int = 42,
 
     from .config import EngineConfig
     from .engine import Engine
+    from .io.output_paths import check_run_outputs
     from .io.video import check_output_path
     from .run import stage_table
 
@@ -148,6 +158,7 @@ def run_demo(out: Path, *, cache_dir: Optional[Path] = None, seed: int = 42,
     ckpt = demo_checkpoint(cache_dir)
     prepared = time.perf_counter() - start
     say(f"demo checkpoint: {ckpt}")
+    check_run_outputs({"--out": out}, ckpt_dir=ckpt)
     engine = Engine(EngineConfig(ckpt_dir=str(ckpt), device="cpu", dtype="float32", progress=progress))
     video = engine.i2v(demo_image(), DEMO_PROMPT, seed=seed, **DEMO_SETTINGS)
     write_start = time.perf_counter()
