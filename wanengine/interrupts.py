@@ -63,6 +63,7 @@ class _State:
     lock = threading.RLock()
     first: Optional[int] = None
     reported = False
+    raising = False  # False until cli.main's try block is entered: exit at once instead
     finishing = False
     installed = False
     previous: Dict[int, object] = {}
@@ -150,7 +151,7 @@ def _handler(signum: int, frame) -> None:
         first = _State.first is None
         if first:
             _State.first = signum
-    if first and not _State.finishing:
+    if first and _State.raising and not _State.finishing:
         raise Interrupted(signum)
     _exit_now()
 
@@ -183,10 +184,16 @@ def _watchdog(read_fd: int) -> None:
             timer.start()
 
 
-def install() -> None:
-    """Route SIGINT/SIGTERM/SIGHUP through `_handler` (main thread only; idempotent)."""
-    if _State.installed or threading.current_thread() is not threading.main_thread():
+def install(raising: bool = True) -> None:
+    """Route SIGINT/SIGTERM/SIGHUP through `_handler` (main thread only; idempotent).
+    `raising`: the first signal raises `Interrupted` (cli.main catches it); False (the early,
+    import-time install) exits at once, as nothing exists yet to clean up or report."""
+    if threading.current_thread() is not threading.main_thread():
         return
+    if _State.installed:
+        _State.raising = _State.raising or raising
+        return
+    _State.raising = raising
     with _State.lock:  # a fresh run (cli.main may run several times inside one test process)
         _State.first, _State.reported, _State.finishing, _State.written = None, False, False, []
     for signum in HANDLED:
@@ -223,7 +230,7 @@ def uninstall() -> None:
         _State.wake_write = None
     with _State.lock:
         _State.previous, _State.installed = {}, False
-        _State.first, _State.reported, _State.finishing = None, False, False
+        _State.first, _State.reported, _State.finishing, _State.raising = None, False, False, False
         _State.written = []
         _State.temp_files, _State.temp_dirs = set(), set()
 
@@ -242,7 +249,7 @@ def install_if_cli_process() -> None:
     spec = getattr(main, "__spec__", None)
     if os.path.basename(sys.argv[0] if sys.argv else "") in ("wanengine", "cli.py") or (
             spec is not None and spec.name == "wanengine.cli"):
-        install()
+        install(raising=False)
 
 
 __all__ = ["Interrupted", "install", "uninstall", "track_temp", "untrack_temp", "note_written", "report",
