@@ -88,7 +88,11 @@ class Video:
         meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in self.metadata.items()})
         tensors = {"video": self.tensor.detach().float().cpu().contiguous(),
                    "latent": self.latent.detach().float().cpu().contiguous()}
-        save_file(tensors, str(path), metadata=meta)
+        try:
+            save_file(tensors, str(path), metadata=meta)
+        except Exception as exc:  # SafetensorError (not an OSError) for ENOSPC, EIO, ...
+            reason = " ".join(str(exc).split())[:200]
+            raise OutputWriteError(f"{label}: could not be written: {reason}; nothing was replaced") from None
         try:  # read the header back: every tensor with its shape, and data covering the file
             with safe_open(str(path), framework="pt") as handle:
                 shapes = {name: list(handle.get_slice(name).get_shape()) for name in handle.keys()}
