@@ -130,6 +130,12 @@ def to_rgb(pil: Image.Image, label: str = "image") -> Image.Image:
     """Any PIL mode -> RGB: transparency onto `BACKGROUND`, high-bit-depth modes by their range."""
     if pil.mode in ("F", "I") or pil.mode.startswith("I;16"):
         pil = Image.fromarray(_scaled_to_uint8(pil, label))  # grey ("L")
+    if pil.mode in ("La", "RGBa"):  # premultiplied: colour + (1 - alpha) * background
+        values = np.asarray(pil, dtype=np.float64)
+        colour = np.repeat(values[..., :1], 3, axis=-1) if pil.mode == "La" else values[..., :3]
+        alpha = values[..., -1:] / 255.0
+        composite = colour + (1.0 - alpha) * np.asarray(BACKGROUND, dtype=np.float64)
+        return Image.fromarray(np.round(composite).clip(0, 255).astype(np.uint8), "RGB")
     if _has_alpha(pil):
         rgba = pil.convert("RGBA")
         background = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
