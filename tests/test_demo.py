@@ -27,3 +27,23 @@ def test_demo_writes_a_playable_video(tmp_path):
     assert "VAE decode" in result.stderr and "wrote" in result.stderr  # the stage table and summary
     assert (tmp_path / "cache" / "demo-ckpt-v1" / "high_noise_model" /
             "diffusion_pytorch_model.safetensors.index.json").is_file()
+
+
+@pytest.mark.slow
+def test_concurrent_demos_on_one_cache_all_succeed(tmp_path):
+    """Three `wanengine demo` processes racing to build one fresh cache, twice: all succeed
+    (the lock and the verified rename never hand out or delete a partial checkpoint) and no
+    staging directory is left behind. The building function alone races 12 more rounds in
+    test_reliability_units."""
+    import shutil
+
+    cache = tmp_path / "cache"
+    for round_index in range(2):
+        env = {**os.environ, "WANENGINE_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+        runs = [subprocess.Popen([sys.executable, str(REPO_ROOT / "cli.py"), "--quiet", "demo", "--out",
+                                  str(tmp_path / f"demo{round_index}-{i}.mp4")], env=env, cwd=tmp_path,
+                                 stderr=subprocess.PIPE, text=True) for i in range(3)]
+        outcomes = [(run.wait(timeout=600), run.stderr.read()) for run in runs]
+        assert [code for code, _ in outcomes] == [0, 0, 0], outcomes
+        assert sorted(p.name for p in cache.iterdir()) == [".demo-ckpt-v1.lock", "demo-ckpt-v1"]
+        shutil.rmtree(cache)

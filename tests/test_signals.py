@@ -148,3 +148,46 @@ def test_interrupt_after_the_output_was_committed_says_so(golden, tmp_path, monk
     lines = [line for line in capfd.readouterr().err.replace("\r", "\n").splitlines() if "interrupted" in line]
     assert lines == [f"wanengine: interrupted (SIGINT) after writing {out}"]
     assert out.is_file() and not (tmp_path / "m.json").exists()
+
+
+def _children(pid: int) -> list:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.slow
+def test_under_torchrun_every_rank_exits_when_one_is_terminated(golden, tmp_path):
+    """SIGTERM to the rank that does not write, mid-denoising: the other rank (waiting in the
+    CFG exchange) must not hang -- torchrun's SIGTERM or the watchdog ends it, and torchrun
+    returns a failure with no worker left and no partial file."""
+    from test_parallel_e2e import free_port, torchrun_command
+
+    args = _i2v_args(golden, tmp_path / "out.mp4", steps=400)[1:]
+    command = [*torchrun_command(), "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+               "-m", "wanengine.cli", "i2v", *args, "--cfg-size", "2"]
+    env = {**{k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(REPO_ROOT)}
+    launcher = subprocess.Popen(command, cwd=tmp_path, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    seen = _read_until(launcher, b"denoise ")
+    workers = _children(launcher.pid)
+    assert len(workers) == 2, workers
+    ranks = {}
+    for pid in workers:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        ranks[int(next(e for e in environ if e.startswith(b"RANK=")).split(b"=")[1])] = pid
+    os.kill(ranks[1], signal.SIGTERM)
+    start = time.monotonic()
+    stderr = _finish(launcher, seen)
+    assert time.monotonic() - start < 60, "the other rank hung"
+    assert launcher.returncode != 0
+    assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()], "a worker is still running"
+    assert "interrupted (SIGTERM)" in stderr, stderr[-2000:]
+    assert not [p.name for p in tmp_path.iterdir() if ".partial" in p.name]
