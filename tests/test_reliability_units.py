@@ -195,3 +195,27 @@ def test_memory_check_refuses_and_can_be_ignored(golden, golden_ckpt, monkeypatc
     monkeypatch.setenv("WANENGINE_MEMORY_GB", "lots")
     with pytest.raises(ConfigError, match="WANENGINE_MEMORY_GB"):
         preflight_run(cfg, opts, golden / "input.png", Path("clip.mp4"), None)
+
+
+def test_library_warnings_become_one_line(capfd):
+    import warnings
+
+    import typer
+
+    from wanengine.exits import run_app
+
+    app = typer.Typer()
+
+    @app.command()
+    def noisy() -> None:
+        warnings.warn("PIL says:\n  something\n    spread over lines", UserWarning)
+
+    @app.command()
+    def other() -> None:  # two commands, so the command name is parsed as in the real CLI
+        pass
+
+    assert run_app(app, lambda: ["noisy"]) == 0
+    assert capfd.readouterr().err.splitlines() == ["wanengine: warning: PIL says: something spread over lines"]
+    assert run_app(app, lambda: ["noisy", "--bogus"]) == 2
+    err = capfd.readouterr().err.splitlines()
+    assert len(err) == 1 and "no such option: --bogus" in err[0]

@@ -127,7 +127,8 @@ def report(signum: int) -> int:
         first = _State.first
         if not _State.reported:
             _State.reported = True
-            _write_stderr(report_line(first) + "\n")
+            if os.environ.get("RANK", "0") == "0":  # one line for a torchrun job: rank 0's
+                _write_stderr(report_line(first) + "\n")
     return exit_code(first)
 
 
