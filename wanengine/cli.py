@@ -93,7 +93,7 @@ def i2v(
     out: Optional[Path] = typer.Option(None, "--out", "--save_file", "--save-file", help="Output .mp4 or .safetensors."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda[:N], npu[:N] (default: best available)."),
     dtype: str = typer.Option("bfloat16", "--dtype", help="float32, bfloat16 or float16."),
-    kernel_backend: str = typer.Option("auto", "--kernel-backend", "--kernel_backend", help="auto, reference, cuda, npu."),
+    kernel_backend: str = typer.Option("auto", "--kernel-backend", "--kernel_backend", help="auto (WANENGINE_KERNEL_BACKEND if set), reference, torch (= cuda), npu."),
     offload_model: Optional[bool] = typer.Option(None, "--offload-model/--no-offload-model",
                                                  help="Keep only the active expert on the device."),
     t5_cpu: bool = typer.Option(False, "--t5-cpu", "--t5_cpu", help="Run the text encoder on the CPU."),
