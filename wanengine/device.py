@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 from typing import Callable, Optional
 
 import torch
@@ -12,30 +11,30 @@ from .errors import ConfigError
 DTYPE_BY_NAME = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-# What the reference Ascend port sets (spec npu-ops.md); user-set values win.
-ASCEND_ENV = {
-    "PYTORCH_NPU_ALLOC_CONF": "expandable_segments:True",
-    "TASK_QUEUE_ENABLE": "2",
-    "CPU_AFFINITY_CONF": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-}
+from .runtime_env import ASCEND_ENV, ascend_environment_defaults  # noqa: E402,F401 (torch-free, re-exported)
 
 
-def ascend_environment_defaults() -> None:
-    """Set the Ascend runtime's environment defaults; they only take effect if this runs
-    before `torch_npu` is first imported (the CLI calls it at start-up)."""
-    for key, value in ASCEND_ENV.items():
-        os.environ.setdefault(key, value)
+_ascend_runtime_configured = False
 
 
 def configure_ascend_runtime() -> None:
-    """Inference settings of the reference Ascend port: no JIT compilation of operators
-    (binary kernels), and no private NPU tensor formats leaking into user tensors."""
+    """Inference settings of the reference Ascend port, applied once per process: no JIT
+    compilation of operators (binary kernels; `npu_rotary_mul`'s interleave mode raises
+    without it), and no private NPU tensor formats leaking into user tensors.
+
+    Called when an NPU device is prepared and when the `npu` kernels backend is imported, so
+    the settings hold whichever way the npu kernels were chosen."""
+    global _ascend_runtime_configured
+    if _ascend_runtime_configured:
+        return
     ascend_environment_defaults()
     import torch_npu
 
     torch_npu.npu.set_compile_mode(jit_compile=False)
-    torch.npu.config.allow_internal_format = False  # type: ignore[attr-defined]
+    # `torch.npu` is `torch_npu.npu` once torch_npu is imported; the setting is write-only.
+    npu_module = getattr(torch, "npu", None) or torch_npu.npu
+    npu_module.config.allow_internal_format = False
+    _ascend_runtime_configured = True
 
 
 def npu_available() -> bool:
