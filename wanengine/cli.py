@@ -337,8 +337,10 @@ def run_app(args: List[str]) -> int:
     try:
         code = app(args=args, prog_name="wanengine", standalone_mode=False)
     except UsageError as exc:
+        from .exits import usage_message
+
         command = exc.ctx.command_path if exc.ctx is not None else "wanengine"
-        return _report(f"{exc.format_message()} (see '{command} --help')")
+        return _report(f"{usage_message(exc)} (see '{command} --help')")
     except typer.Abort:  # click's own Ctrl-C / EOF at a prompt
         import signal
 

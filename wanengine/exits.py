@@ -3,7 +3,8 @@
 `guarded(body)` runs the CLI's body and turns an interrupt (`interrupts.Interrupted`, or a
 KeyboardInterrupt raised before the handlers were installed) into `interrupts.report` --
 one line, 128 + signal; library warnings (PIL, ...) meanwhile are shown as one line each.
-`exit_with(code)` leaves, after which a signal exits at once.
+`exit_with(code)` leaves, after which a signal exits at once. `usage_message` is the one
+line of a usage error.
 """
 from __future__ import annotations
 
@@ -15,6 +16,24 @@ from typing import Callable, Optional
 from . import interrupts
 
 PROG = "wanengine"
+
+
+def usage_message(exc) -> str:
+    """One line for a click usage error naming the flag the user typed (its first spelling),
+    without click's "(Possible options: ...)" guesses."""
+    try:
+        from typer._click import exceptions as errors
+    except ImportError:  # older typer runs on click itself
+        from click import exceptions as errors  # type: ignore[no-redef]
+    param = getattr(exc, "param", None)
+    opts = list(getattr(param, "opts", None) or [])
+    if isinstance(exc, errors.NoSuchOption):
+        return f"no such option: {exc.option_name}"
+    if isinstance(exc, errors.MissingParameter) and opts:
+        return f"{opts[0]}: missing (required)"
+    if isinstance(exc, errors.BadParameter) and opts:
+        return f"{opts[0]}: {' '.join(str(exc.message).split())}"
+    return " ".join(exc.format_message().split())
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
