@@ -15,6 +15,8 @@ from typing import Callable, List, Optional
 
 import typer
 
+from .cli_weights import (ckpt_dir_option, dit_config_option, high_noise_option, low_noise_option, t5_option,
+                          tokenizer_option, vae_option, weight_sources)
 from .errors import UserInputError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -76,7 +78,7 @@ def _global(
 @app.command()
 @handles_errors
 def i2v(
-    ckpt_dir: Path = typer.Option(..., "--ckpt-dir", "--ckpt_dir", help="Released Wan2.2-I2V-A14B checkpoint directory."),
+    ckpt_dir: Optional[Path] = ckpt_dir_option(),
     image: Path = typer.Option(..., "--image", help="Input image (any format PIL reads; EXIF orientation applied)."),
     prompt: str = typer.Option(..., "--prompt", help="Text prompt."),
     negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", "--negative_prompt",
@@ -105,6 +107,12 @@ def i2v(
     vae_parallel: bool = typer.Option(False, "--vae-parallel", "--vae_parallel", help="Split the VAE over the ranks."),
     metrics_json: Optional[Path] = typer.Option(None, "--metrics-json", help="Write timings, settings, seed, versions."),
     task: str = typer.Option("i2v-A14B", "--task", help="Accepted for reference scripts; must be i2v-A14B."),
+    high_noise_model: Optional[Path] = high_noise_option(),
+    low_noise_model: Optional[Path] = low_noise_option(),
+    t5: Optional[Path] = t5_option(),
+    vae: Optional[Path] = vae_option(),
+    tokenizer: Optional[Path] = tokenizer_option(),
+    dit_config: Optional[Path] = dit_config_option(),
 ) -> None:
     """Generate a video from an image and a prompt."""
     from .config import EngineConfig, GenerationOptions
@@ -115,7 +123,8 @@ def i2v(
     opts = GenerationOptions(prompt=prompt, negative_prompt=negative_prompt, size=size, max_area=max_area,
                              frame_num=frame_num, steps=sample_steps, shift=sample_shift, solver=sample_solver,
                              guide_scale=guide_scale, seed=seed)
-    cfg = EngineConfig(ckpt_dir=str(ckpt_dir), device=device, dtype=dtype, kernel_backend=kernel_backend,
+    sources = weight_sources(ckpt_dir, high_noise_model, low_noise_model, t5, vae, tokenizer, dit_config)
+    cfg = EngineConfig(**sources, device=device, dtype=dtype, kernel_backend=kernel_backend,
                        offload_model=offload_model, t5_cpu=t5_cpu, vae_tile_rows=vae_tile_rows,
                        ulysses_size=ulysses_size, cfg_size=cfg_size, dit_fsdp=dit_fsdp, t5_fsdp=t5_fsdp,
                        vae_parallel=vae_parallel, progress=_State.verbosity > 0)
@@ -141,15 +150,43 @@ def demo(
 @app.command()
 @handles_errors
 def info(
-    ckpt_dir: Path = typer.Option(..., "--ckpt-dir", "--ckpt_dir", help="Checkpoint directory."),
+    ckpt_dir: Optional[Path] = ckpt_dir_option(),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    high_noise_model: Optional[Path] = high_noise_option(),
+    low_noise_model: Optional[Path] = low_noise_option(),
+    t5: Optional[Path] = t5_option(),
+    vae: Optional[Path] = vae_option(),
+    tokenizer: Optional[Path] = tokenizer_option(),
+    dit_config: Optional[Path] = dit_config_option(),
 ) -> None:
-    """What is in a checkpoint (component sizes, dtypes, configs) without loading weights."""
+    """What is in a checkpoint (component layouts, sizes, dtypes, configs) without loading weights."""
     from .io.inspect import describe_checkpoint, format_description
 
-    description = describe_checkpoint(ckpt_dir)
+    sources = weight_sources(ckpt_dir, high_noise_model, low_noise_model, t5, vae, tokenizer, dit_config)
+    description = describe_checkpoint(**sources)
+    for note in description.get("notes", []):
+        say(note, level=2)
     print(json.dumps(description, indent=1) if as_json else format_description(description))
 
+
+# --------------------------------------------------------------------------- convert
+@app.command()
+@handles_errors
+def convert(
+    out: Path = typer.Option(..., "--out", help="New (or empty) directory to write the released layout into."),
+    ckpt_dir: Optional[Path] = ckpt_dir_option(),
+    high_noise_model: Optional[Path] = high_noise_option(),
+    low_noise_model: Optional[Path] = low_noise_option(),
+    t5: Optional[Path] = t5_option(),
+    vae: Optional[Path] = vae_option(),
+    tokenizer: Optional[Path] = tokenizer_option(),
+    dit_config: Optional[Path] = dit_config_option(),
+) -> None:
+    """Write any layout as the released layout, tensor by tensor (stored dtypes kept)."""
+    from .io.convert import convert_checkpoint
+
+    sources = weight_sources(ckpt_dir, high_noise_model, low_noise_model, t5, vae, tokenizer, dit_config)
+    convert_checkpoint(out, **sources, say=say)
 
 
 # --------------------------------------------------------------------------- plan

@@ -1,4 +1,4 @@
-"""`Engine(cfg).i2v(image, prompt)`: loads the components of a released checkpoint once and
+"""`Engine(cfg).i2v(image, prompt)`: loads the components of a checkpoint (any layout) once and
 runs the image-to-video pipeline, returning a `Video`.
 
 Order of work: validate the configuration and preflight the checkpoint (no weights read),
@@ -44,7 +44,7 @@ class Engine:
         prepare_device(self.device)
         self.dtype = resolve_dtype(cfg.dtype)
         self.vae_dtype = resolve_dtype(cfg.vae_dtype)
-        self.layout = preflight_checkpoint(cfg.ckpt_dir)
+        self.layout = preflight_checkpoint(cfg.ckpt_dir, cfg.component_overrides(), cfg.dit_config)
         self.kernel_backend = kernels.configure(cfg.kernel_backend, self.device)
         self.offload = cfg.offload_model if cfg.offload_model is not None else self.device.type != "cpu"
         self.load_timer = StageTimer(synchronizer(self.device))
@@ -52,10 +52,10 @@ class Engine:
 
     # ------------------------------------------------------------------ loading
     def _load(self) -> None:
-        from .models import load_tokenizer, load_vae
+        from .models import Tokenizer, load_vae
 
         with self.load_timer.stage("load"):
-            self.tokenizer = load_tokenizer(self.layout.root)
+            self.tokenizer = Tokenizer(self.layout.tokenizer)
             self.t5 = self.load_text_encoder()
             self.vae = load_vae(self.layout.vae, device=self.device, dtype=self.vae_dtype)
             self.experts = ExpertSwitcher(self.load_experts(), self.device, self.offload)
@@ -77,7 +77,8 @@ class Engine:
         from .models import load_dit
 
         home = torch.device("cpu") if self.offload else self.device
-        return {name: load_dit(self.layout.expert(name), device=home, dtype=self.dtype) for name in EXPERTS}
+        return {name: load_dit(self.layout.expert(name), device=home, dtype=self.dtype,
+                               config_file=self.layout.dit_config) for name in EXPERTS}
 
     # ------------------------------------------------------------------ stages
     def encode_text(self, prompts: Sequence[str]) -> Tuple[torch.Tensor, ...]:

@@ -29,6 +29,7 @@ class RunPlan:
     out: Path
     metrics_json: Optional[Path]
     frame_size: tuple  # (width, height)
+    source_notes: tuple = ()  # component options that beat the --ckpt-dir's (shown at --verbose)
 
 
 def check_parallel_layout(cfg: EngineConfig, num_heads: int) -> None:
@@ -58,10 +59,8 @@ def preflight_run(cfg: EngineConfig, opts: GenerationOptions, image_path, out: O
     """Validate everything a run needs, without reading any weight; returns the plan."""
     cfg.validate()
     opts.validate()
-    layout = preflight_checkpoint(cfg.ckpt_dir)
-    from .models.dit import DiTConfig
-
-    num_heads = DiTConfig.from_json(layout.expert(EXPERTS[0]) / "config.json").num_heads
+    layout = preflight_checkpoint(cfg.ckpt_dir, cfg.component_overrides(), cfg.dit_config)
+    num_heads = layout.dit_configs[EXPERTS[0]].num_heads
     check_parallel_layout(cfg, num_heads)
     image = open_image(image_path)
     _, lat_h, lat_w = latent_grid(image.height, image.width, opts.resolved_max_area, opts.frame_num)
@@ -73,7 +72,7 @@ def preflight_run(cfg: EngineConfig, opts: GenerationOptions, image_path, out: O
         parent = metrics_json.parent if str(metrics_json.parent) else Path(".")
         if not parent.is_dir():
             raise ConfigError(f"--metrics-json: {metrics_json}: directory {parent} does not exist")
-    return RunPlan(cfg, opts, image, out, metrics_json, frame_size)
+    return RunPlan(cfg, opts, image, out, metrics_json, frame_size, source_notes=layout.notes)
 
 
 def run_i2v(plan: RunPlan, say: Callable[..., None] = lambda message, level=1: print(message)) -> Path:
@@ -86,6 +85,8 @@ def run_i2v(plan: RunPlan, say: Callable[..., None] = lambda message, level=1: p
             return None
 
     width, height = plan.frame_size
+    for note in plan.source_notes:
+        say(note, level=2)
     say(f"i2v: {width}x{height}, {plan.opts.frame_num} frames, {plan.opts.steps} {plan.opts.solver} steps, "
         f"seed {plan.opts.seed}")
     engine = make_engine(plan.cfg) if plan.cfg.distributed else Engine(plan.cfg)
