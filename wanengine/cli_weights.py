@@ -11,7 +11,7 @@ PANEL = "Weights (any layout)"
 
 
 def ckpt_dir_option(panel: Optional[str] = None):
-    return typer.Option(None, "--ckpt-dir", "--ckpt_dir", rich_help_panel=panel,
+    return typer.Option(None, "--ckpt-dir", rich_help_panel=panel,
                         help="Checkpoint directory: the released Wan2.2-I2V-A14B layout or a diffusers "
                              "repository (Wan2.2-I2V-A14B-Diffusers). Optional when every component is given.")
 
