@@ -116,3 +116,16 @@ def test_verbose_says_when_an_override_beats_the_repository(repo, comfy, capsys)
     with pytest.raises(SystemExit):
         cli.main(["info", "--ckpt-dir", str(repo), "--vae", str(comfy["vae"])])
     assert "instead of" not in capsys.readouterr().err
+
+
+def test_dit_config_option_reaches_single_file_experts(comfy, golden_ckpt, tmp_path, capsys):
+    config = json.loads((golden_ckpt / "low_noise_model" / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(dict(config, num_heads=4)))
+    args = [x for k, v in comfy.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    args += ["--tokenizer", str(golden_ckpt / "google" / "umt5-xxl")]
+    described = _info(capsys, *args, "--dit-config", str(tmp_path / "config.json"))
+    assert described["high_noise_model"]["config"]["num_heads"] == 4
+    assert described["high_noise_model"]["layout"].endswith(f"config {tmp_path / 'config.json'}")
+    with pytest.raises(SystemExit) as info:
+        cli.main(["info", *args, "--dit-config", str(tmp_path / "nope.json")])
+    assert info.value.code == 2 and "--dit-config" in capsys.readouterr().err

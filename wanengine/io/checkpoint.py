@@ -48,9 +48,13 @@ WHAT: Dict[str, str] = {"high_noise_model": "high-noise expert", "low_noise_mode
                         "t5": "text encoder", "vae": "VAE", "tokenizer": "tokenizer"}
 
 
+def _shown(component: str, path: str) -> str:
+    """A layout entry as listed in messages: directories end with "/"."""
+    return path + ("/" if component in EXPERTS or (component in ("t5", "vae") and "." not in path) else "")
+
+
 def _needs(paths: Mapping[str, str]) -> str:
-    return ", ".join(p + ("/" if c in EXPERTS or (c in ("t5", "vae") and "." not in p) else "")
-                     for c, p in paths.items())
+    return ", ".join(_shown(c, p) for c, p in paths.items())
 
 
 LAYOUT_HINT = (f"the released layout needs {_needs(RELEASED_PATHS)}; a diffusers repository needs "
@@ -162,7 +166,7 @@ def resolve_sources(ckpt_dir: Optional[Union[str, "os.PathLike[str]"]] = None,
             if present:
                 components[name] = Component(candidate, f"--ckpt-dir ({described})")
             else:
-                missing.append(f"{paths[name]} ({WHAT[name]})")
+                missing.append(f"{_shown(name, paths[name])} ({WHAT[name]})")
         if missing:
             options = " or ".join(OPTION_OF[n] for n in COMPONENTS if n not in given and n not in components)
             raise CheckpointError(f"--ckpt-dir: {root} ({described}): missing {', '.join(missing)}; found "
