@@ -8,6 +8,11 @@ tensors to the released names while streaming, never a second model definition.
 - `dit_single`: single-file experts (ComfyUI / LightX2V): prefixes, config from shapes.
 - `vae_diffusers`: the VAE in diffusers' `AutoencoderKLWan` names.
 - `umt5_transformers`: the text encoder in transformers' `UMT5EncoderModel` names.
+- `component_files`: a text encoder or VAE as `.pth`, one `.safetensors` or a directory,
+  under the released names (naming detected and mapped with the tables above).
+
+Where the layouts are told apart (released directory, diffusers repository, per-component
+options): `wanengine.io.checkpoint`.
 """
 from __future__ import annotations
 
