@@ -76,11 +76,12 @@ class ComponentTensors:
         if self._records is not None:
             yield from stream_tensors(self._records)
             return
+        from ...models.loading import iter_state_dict
+
         state, self._state = self._state, None
         if state is None:
             raise RuntimeError(f"{self.source}: tensors already streamed")
-        for name in list(state):
-            yield name, state.pop(name)
+        yield from iter_state_dict(state)
 
 
 def _files_of(path: Path, kind: ComponentKind) -> Tuple[str, str, List[TensorRecord]]:
