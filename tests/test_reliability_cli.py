@@ -135,7 +135,7 @@ def _cases(tmp: Path, golden: Path, golden_ckpt: Path) -> list:
          ["--out", "inside the checkpoint"]),
         ("metrics is a file the checkpoint reads",
          dict(over={"--ckpt-dir": str(linked)}, extra=["--metrics-json", str(store / "config.json")]), {}, 2,
-         ["--metrics-json", "file of the checkpoint"]),
+         ["--metrics-json", "a file the run reads"]),
         ("config num_layers 1e9", dict(over={"--ckpt-dir": str(ckpts["layers"])}), {}, 2, ["num_layers 1000000000"]),
         ("config dim 1e18", dict(over={"--ckpt-dir": str(ckpts["dim"])}), {}, 2, ["expected dim", "config.json"]),
         ("config text_len 1e9", dict(over={"--ckpt-dir": str(ckpts["textlen"])}), {}, 2, ["text_len", "limit"]),

@@ -1,8 +1,8 @@
 """The memory preflight: will this run fit, before a single weight is loaded?
 
 The estimate is `wanengine.plan`'s memory model (`make_plan`), fed with the sizes of the
-checkpoint actually given (the experts' `config.json`, the UMT5 and VAE tensor shapes read
-from the memory-mapped `.pth` files -- no weight data is read), the requested frame size,
+checkpoint actually given (the experts' configs, the UMT5 and VAE tensor shapes from their
+files' headers -- no weight data is read), the requested frame size,
 frames and steps, and the run's layout (offload, T5 on the CPU, parallel degrees). It is
 compared with what the run device has free (`torch.cuda/npu.mem_get_info`) or, on the CPU,
 with the host memory available (`MemAvailable`, capped by a cgroup limit). A run that does not
@@ -77,14 +77,11 @@ def available_bytes(device) -> Optional[float]:
 def checkpoint_sizes(layout, expert_config) -> Dict[str, dict]:
     """The plan's model sizes (`dit`, `t5`, `vae`) for this checkpoint, from its config and the
     tensor shapes of the memory-mapped UMT5 / VAE files (no weight data is read)."""
-    from .models.loading import load_pth_state_dict
-    from .models.t5 import T5Config
-    from .models.vae import infer_vae_config
+    from .models.t5 import open_t5
+    from .models.vae import open_vae
 
-    t5_shapes = {name: tuple(t.shape) for name, t in load_pth_state_dict(layout.t5).items()}
-    vae_shapes = {name: tuple(t.shape) for name, t in load_pth_state_dict(layout.vae).items()}
-    t5 = T5Config.from_state_dict_shapes(t5_shapes, str(layout.t5))
-    vae = infer_vae_config(vae_shapes, str(layout.vae))
+    t5 = open_t5(layout.t5)[0].cfg  # built on the meta device from the file's shapes; no data read
+    vae = open_vae(layout.vae)[0].config
     dit = {k: v for k, v in asdict(expert_config).items() if k != "patch_size"}
     return {"dit": dit, "t5": asdict(t5),
             "vae": {**asdict(vae), "dim_mult": list(vae.dim_mult), "temporal_downsample": list(vae.temporal_downsample)}}

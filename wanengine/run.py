@@ -34,6 +34,7 @@ class RunPlan:
     metrics_json: Optional[Path]
     frame_size: tuple  # (width, height)
     timings: Dict[str, float] = field(default_factory=dict)  # stages before the engine (check inputs, read image)
+    source_notes: tuple = ()  # component options that beat the --ckpt-dir's (shown at --verbose)
 
 
 def check_parallel_layout(cfg: EngineConfig, num_heads: int) -> None:
@@ -72,13 +73,11 @@ def preflight_run(cfg: EngineConfig, opts: GenerationOptions, image_path, out: O
 
         from .io.image import open_image
         from .io.video import check_output_path
-    with timer.stage("check inputs", f"({cfg.ckpt_dir})"):
+    with timer.stage("check inputs", f"({cfg.ckpt_dir or 'per-component weights'})"):
         cfg.validate()
         opts.validate()
-        layout = preflight_checkpoint(cfg.ckpt_dir)
-        from .models.dit import DiTConfig
-
-        expert_config = DiTConfig.from_json(layout.expert(EXPERTS[0]) / "config.json")
+        layout = preflight_checkpoint(cfg.ckpt_dir, cfg.component_overrides(), cfg.dit_config)
+        expert_config = layout.dit_configs[EXPERTS[0]]
         check_parallel_layout(cfg, expert_config.num_heads)
     with timer.stage("read image", f"({image_path})"):
         image = open_image(image_path)
@@ -92,13 +91,14 @@ def preflight_run(cfg: EngineConfig, opts: GenerationOptions, image_path, out: O
         if metrics_json is not None:
             metrics_json = check_output_file(metrics_json, "--metrics-json")
         outputs = {"--out": out, **({"--metrics-json": metrics_json} if metrics_json is not None else {})}
-        check_run_outputs(outputs, image=image_path, ckpt_dir=cfg.ckpt_dir)
+        check_run_outputs(outputs, image=image_path, ckpt_dir=cfg.ckpt_dir,
+                          reads=[part.path for part in layout.components.values()])
         if not ignore_memory_check:
             from .device import resolve_device
             from .memory_check import check_memory
 
             check_memory(cfg, opts, frame_size, layout, expert_config, resolve_device(cfg.device))
-    return RunPlan(cfg, opts, image, out, metrics_json, frame_size, dict(timer.seconds))
+    return RunPlan(cfg, opts, image, out, metrics_json, frame_size, dict(timer.seconds), source_notes=layout.notes)
 
 
 def run_i2v(plan: RunPlan, say: Callable[..., None] = lambda message, level=1: print(message)) -> Path:
@@ -115,6 +115,8 @@ def run_i2v(plan: RunPlan, say: Callable[..., None] = lambda message, level=1: p
     for name, seconds in plan.timings.items():
         timer.add(name, seconds)
     width, height = plan.frame_size
+    for note in plan.source_notes:
+        say(note, level=2)
     say(f"i2v: {width}x{height}, {plan.opts.frame_num} frames, {plan.opts.steps} {plan.opts.solver} steps, "
         f"seed {plan.opts.seed}", level=0)  # level 0: even --quiet records the seed
     with timer.stage("import engine"):

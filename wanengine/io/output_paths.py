@@ -76,9 +76,10 @@ def files_read_from(ckpt_dir: PathLike) -> Iterable[Path]:
 
 
 def check_run_outputs(outputs: Dict[str, Path], image: Optional[PathLike] = None,
-                      ckpt_dir: Optional[PathLike] = None) -> None:
+                      ckpt_dir: Optional[PathLike] = None, reads: Sequence[PathLike] = ()) -> None:
     """`outputs` (flag -> path) must differ from each other, from `image`, from every file of
-    `ckpt_dir`, and must not lie inside `ckpt_dir`."""
+    `ckpt_dir` and of `reads` (component files or directories given on their own), and must not
+    lie inside `ckpt_dir`."""
     items = list(outputs.items())
     for index, (flag, path) in enumerate(items):
         for other_flag, other in items[index + 1:]:
@@ -86,16 +87,17 @@ def check_run_outputs(outputs: Dict[str, Path], image: Optional[PathLike] = None
                 raise UserInputError(f"{other_flag}: {other} is the same file as {flag}; give them different paths")
         if image is not None and not hasattr(image, "mode") and _same_file(path, Path(image)):
             raise UserInputError(f"{flag}: {path} is the input image (--image); writing it would destroy the input")
-    if ckpt_dir is None:
-        return
-    root = _identity(Path(ckpt_dir))
-    for flag, path in items:
-        where = _identity(path)
-        if where == root or where.startswith(root.rstrip(os.sep) + os.sep):
-            raise UserInputError(f"{flag}: {path} is inside the checkpoint directory {ckpt_dir} (--ckpt-dir); "
-                                 "write outputs elsewhere")
-    read = {_identity(p) for p in files_read_from(ckpt_dir)}
+    if ckpt_dir is not None:
+        root = _identity(Path(ckpt_dir))
+        for flag, path in items:
+            where = _identity(path)
+            if where == root or where.startswith(root.rstrip(os.sep) + os.sep):
+                raise UserInputError(f"{flag}: {path} is inside the checkpoint directory {ckpt_dir} (--ckpt-dir); "
+                                     "write outputs elsewhere")
+    read = set()
+    for source in ([ckpt_dir] if ckpt_dir is not None else []) + list(reads):
+        source = Path(source)
+        read |= {_identity(p) for p in (files_read_from(source) if source.is_dir() else [source])}
     for flag, path in items:
         if _identity(path) in read:
-            raise UserInputError(f"{flag}: {path} is a file of the checkpoint (--ckpt-dir {ckpt_dir}); "
-                                 "write outputs elsewhere")
+            raise UserInputError(f"{flag}: {path} is a file the run reads (the checkpoint's); write outputs elsewhere")
