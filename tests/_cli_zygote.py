@@ -55,7 +55,7 @@ def run_case(case: dict, work: Path, index: int) -> dict:
 def warm_up() -> None:
     """Import here what every case needs (torch, the CLI and its lazily imported parsing and
     preflight modules), so the children inherit it; no tensor work runs in this process."""
-    import torch  # noqa: F401
+    import torch
     import PIL.PngImagePlugin  # noqa: F401
     import safetensors.torch  # noqa: F401
 
@@ -66,6 +66,10 @@ def warm_up() -> None:
     import wanengine.plan  # noqa: F401
     import wanengine.run  # noqa: F401
     from wanengine import cli
+    from wanengine.models.t5 import T5Config, UMT5Encoder
+
+    with torch.device("meta"):  # nn.Embedding's init on meta imports torch._dynamo once (~1-2 s)
+        UMT5Encoder(T5Config(vocab_size=8, dim=8, dim_attn=8, dim_ffn=8, num_heads=1, num_layers=1, num_buckets=2))
 
     devnull = os.open(os.devnull, os.O_WRONLY)
     saved = os.dup(2)
