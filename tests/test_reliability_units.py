@@ -159,14 +159,17 @@ def test_three_way_cache_race_never_breaks_a_result(tmp_path):
         assert sorted(p.name for p in target.parent.iterdir()) == [".ckpt.lock", "ckpt"]
 
 
-def test_an_incomplete_target_is_replaced_not_trusted(tmp_path):
+def test_an_incomplete_target_is_replaced_not_trusted_and_legacy_staging_goes(tmp_path):
     from wanengine.demo_cache import cached_directory
 
     target = tmp_path / "ckpt"
     target.mkdir()
     (target / "a.bin").write_bytes(b"half")
-    cached_directory(target, _slow_build, _complete)
+    (tmp_path / ".demo-c1y2z3w4").mkdir()  # what an older version's killed demo left behind
+    (tmp_path / ".demo-notes").write_text("a file, not staging: kept")
+    cached_directory(target, _slow_build, _complete, legacy_staging=(".demo-[!c]*",))
     _complete(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".ckpt.lock", ".demo-notes", "ckpt"]
 
 
 # --------------------------------------------------------------------------- bounds and memory

@@ -76,7 +76,8 @@ def write_random_checkpoint(target: Path, seed: int = 0, *, t5_sizes: Optional[D
         _write_checkpoint_files(staging, seed, dict(T5_SIZES if t5_sizes is None else t5_sizes),
                                 dict(DIT_SIZES if dit_sizes is None else dit_sizes), vae_base_width)
 
-    return cached_directory(Path(target), build, verify_checkpoint)
+    return cached_directory(Path(target), build, verify_checkpoint,
+                            X
 
 
 def verify_checkpoint(root: Path) -> None:

@@ -18,7 +18,7 @@ import os
 import secrets
 import shutil
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 from . import interrupts
 from .errors import UserInputError
@@ -83,22 +83,26 @@ def _fsync_tree(root: Path) -> None:
         fsync_path(Path(directory), directory=True)
 
 
-def remove_stale_staging(target: Path) -> None:
-    """Delete `.<target name>-staging-*` leftovers (call with the lock held)."""
-    prefix = f".{target.name}{STAGING_MARK}"
-    for leftover in target.parent.glob(prefix + "*"):
-        shutil.rmtree(leftover, ignore_errors=True)
+def remove_stale_staging(target: Path, legacy: Sequence[str] = ()) -> None:
+    """Delete `.<target name>-staging-*` leftovers, and directories matching the `legacy`
+    globs (an older version's staging names), with the lock held."""
+    for pattern in (f".{target.name}{STAGING_MARK}*", *legacy):
+        for leftover in target.parent.glob(pattern):
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover, ignore_errors=True)
 
 
-def cached_directory(target: Path, build: Callable[[Path], None], verify: Callable[[Path], None]) -> Path:
-    """`target`, built by `build(staging_dir)` once if it is not complete (see the module doc)."""
+def cached_directory(target: Path, build: Callable[[Path], None], verify: Callable[[Path], None],
+                     legacy_staging: Sequence[str] = ()) -> Path:
+    """`target`, built by `build(staging_dir)` once if it is not complete (see the module doc);
+    `legacy_staging`: globs of stale staging directories an older version left beside it."""
     if _is_complete(target, verify):
         return target
     check_cache_dir(target.parent)
     with exclusive_lock(target.parent / f".{target.name}.lock"):
         if _is_complete(target, verify):  # another process built it while we waited
             return target
-        remove_stale_staging(target)
+        remove_stale_staging(target, legacy_staging)
         staging = target.parent / f".{target.name}{STAGING_MARK}{secrets.token_hex(4)}"
         interrupts.track_temp(staging, directory=True)
         try:
