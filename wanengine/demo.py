@@ -77,7 +77,7 @@ def write_random_checkpoint(target: Path, seed: int = 0, *, t5_sizes: Optional[D
                                 dict(DIT_SIZES if dit_sizes is None else dit_sizes), vae_base_width)
 
     return cached_directory(Path(target), build, verify_checkpoint,
-                            X
+                            legacy_staging=(".demo-" + "?" * 8,))  # v0.1's tempfile.mkdtemp(prefix=".demo-")
 
 
 def verify_checkpoint(root: Path) -> None:
