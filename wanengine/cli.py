@@ -2,7 +2,8 @@
 all model logic lives in `wanengine.engine`.
 
 Exit codes: 0 success, 2 usage or input errors (one line on stderr, no traceback), 1 runtime
-failures (`--debug` shows the traceback), 130 interrupted. The official `generate.py`
+failures (`--debug` shows the traceback), 128 + signal when interrupted (130 SIGINT, 143
+SIGTERM, 129 SIGHUP; `wanengine.interrupts`). The official `generate.py`
 command lines work unchanged: `wanengine.cli_argv` rewrites the reference's spellings
 (`--ckpt_dir`, `--sample_steps`, `--base_seed`, `--save_file`, `--offload_model True`, ...)
 before parsing, so the help shows one spelling per option. Arguments are parsed and
