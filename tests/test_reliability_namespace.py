@@ -86,7 +86,7 @@ if [ -c {devices}/null ]; then echo char > {tmp}/device.txt; else echo changed >
 
 
 def _one_line(result) -> str:
-    lines = [line for line in result["stderr"].splitlines() if line.strip() and not line.startswith("i2v: ")]
+    lines = [line for line in result["stderr"].splitlines() if line.strip() and not line.startswith("wrote ")]
     assert "Traceback" not in result["stderr"], result["stderr"]
     assert len(lines) == 1, result["stderr"]
     return lines[0]

@@ -118,7 +118,7 @@ def run_i2v(plan: RunPlan, say: Callable[..., None] = lambda message, level=1: p
     for note in plan.source_notes:
         say(note, level=2)
     say(f"i2v: {width}x{height}, {plan.opts.frame_num} frames, {plan.opts.steps} {plan.opts.solver} steps, "
-        f"seed {plan.opts.seed}", level=0)  # level 0: even --quiet records the seed
+        f"seed {plan.opts.seed}")
     with timer.stage("import engine"):
         from .engine import Engine
         from .parallel import is_writer, make_engine
@@ -139,7 +139,7 @@ def run_i2v(plan: RunPlan, say: Callable[..., None] = lambda message, level=1: p
         wall = process_age()
         video.metadata["stages_s"] = {**{k: round(v, 4) for k, v in timer.seconds.items()},
                                       "other": round(max(0.0, wall - timer.total), 4), "wall": round(wall, 4)}
-        say(f"wrote {plan.out} ({video.num_frames} frames, seed {video.seed})")
+        say(f"wrote {plan.out} ({video.num_frames} frames, seed {video.seed})", level=0)  # even --quiet records the seed
         if plan.cfg.progress:
             say(timer.table(wall=wall))
         if plan.metrics_json is not None:
