@@ -208,7 +208,7 @@ def test_device_presets():
     (dict(device="tpu"), "--hardware"),
     (dict(device="cpu", device_peak_tflops=-1.0), "--peak-tflops"),
     (dict(efficiency=1.5), "--efficiency"),
-    (dict(size="1280x"), "--size"),
+    (dict(size="1280x"), "size"),  # parsed by config.parse_size, which names the argument
     (dict(image_aspect=-1.0), "--image-aspect"),
 ])
 def test_invalid_combinations_raise_one_line(kwargs, flag):

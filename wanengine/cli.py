@@ -23,7 +23,25 @@ from . import __version__
 from .cli_argv import UsageError
 from .errors import UserInputError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+class _PlainHelpFlag:
+    """Shows --help/-h as the plain flag it is (typer would print a `<bool>` value)."""
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)  # type: ignore[misc]
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
+class Command(_PlainHelpFlag, typer.core.TyperCommand):
+    """The class of every wanengine command (`@app.command(cls=Command)`)."""
+
+
+class Group(_PlainHelpFlag, typer.core.TyperGroup):
+    pass
+
+
+app = typer.Typer(cls=Group, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   context_settings={"help_option_names": ["-h", "--help"]},
                   help="wanengine: Wan2.2-I2V-A14B image-to-video inference (Ascend NPU, CUDA, CPU).\n\n"
                        "Global options (--quiet/-q, --verbose/-v, --debug) may also follow the command.")
@@ -125,7 +143,7 @@ def _global(
 
 
 # --------------------------------------------------------------------------- i2v
-@app.command(epilog="The reference's spellings (--ckpt_dir, --frame_num, --sample_steps, --base_seed, "
+@app.command(cls=Command, epilog="The reference's spellings (--ckpt_dir, --frame_num, --sample_steps, --base_seed, "
                     "--save_file, --offload_model True, --convert_model_dtype, --task i2v-A14B, ...) are "
                     "accepted too. Global options may follow the command.")
 @handles_errors
@@ -214,7 +232,7 @@ def resolve_dtype(dtype: Optional[str], convert_model_dtype: bool) -> str:
 
 
 # --------------------------------------------------------------------------- demo
-@app.command()
+@app.command(cls=Command)
 @handles_errors
 def demo(
     out: Path = typer.Option(Path("demo.mp4"), "--out", help="Where to write the demo video (.mp4 or .safetensors)."),
@@ -229,7 +247,7 @@ def demo(
 
 
 # --------------------------------------------------------------------------- info
-@app.command()
+@app.command(cls=Command)
 @handles_errors
 def info(
     ckpt_dir: Path = typer.Option(..., "--ckpt-dir", help="Checkpoint directory."),
@@ -243,7 +261,7 @@ def info(
 
 
 # --------------------------------------------------------------------------- plan
-@app.command("plan", epilog="Any i2v command line is accepted: options plan has no use for (--ckpt-dir, "
+@app.command("plan", cls=Command, epilog="Any i2v command line is accepted: options plan has no use for (--ckpt-dir, "
                             "--prompt, --seed, --out, ...) are ignored.")
 @handles_errors
 def plan_command(

@@ -11,7 +11,7 @@ import random
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -134,10 +134,22 @@ class Engine:
         guide_scale: Union[float, str, Tuple[float, float]] = (3.5, 3.5),
         seed: int = -1,
         *,
-        on_step=None,
+        on_step: Optional[Callable[[StepInfo, torch.Tensor], None]] = None,
     ) -> Video:
         """Generate a video from `image` and `prompt`; see `GenerationOptions` for the options.
-        `guide_scale` is one float or (low_noise, high_noise); `seed < 0` draws one."""
+
+        `image`: a path, encoded bytes, a PIL image, a numpy array or a torch tensor (see
+        `wanengine.io.image_input`). `guide_scale` is one float or (low_noise, high_noise);
+        `seed < 0` draws one (reported as `video.seed`).
+
+        `on_step(info, latent)`, if given, is called after every denoising step with a
+        `StepInfo` (index, timestep, expert, num_steps) and the current latent
+        `[16, F', H/8, W/8]` (on the run device; do not modify it). Raising
+        `wanengine.errors.GenerationCancelled` from it stops the run after that step: the
+        exception propagates out of `i2v` and the engine stays usable for the next call.
+
+        Invalid arguments raise `wanengine.errors.InvalidArgument` (a `ValueError`) naming the
+        argument, before any work is done."""
         opts = GenerationOptions(prompt=prompt, negative_prompt=negative_prompt, size=size, max_area=max_area,
                                  frame_num=frame_num, steps=steps, shift=shift, solver=solver,
                                  guide_scale=guide_scale, seed=seed).validate()

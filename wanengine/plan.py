@@ -444,7 +444,7 @@ def _warnings(plan: Plan, requested: Optional[Tuple[int, int]], preset: Optional
                 and memory_without_offload.peak <= 0.9 * memory.capacity):
             out.append(f"offload is on although both experts fit ({memory_without_offload.peak / GB:.1f} GB "
                        f"peak without it); --no-offload-model saves the host/device expert swaps")
-    if plan.dtype == "float32" and (preset is None or preset.accelerator):
+    if plan.dtype == "float32" and plan.placement != "cpu":
         out.append("float32 weights on an accelerator: twice the bf16 memory and far below the bf16 "
                    "matrix peak the time estimate assumes (keep float32 for reference checks on the CPU)")
     if world == 1:
