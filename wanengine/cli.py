@@ -239,11 +239,30 @@ def demo(
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", show_default="$WANENGINE_CACHE or ~/.cache/wanengine",
                                              help="Where the random demo checkpoint is kept."),
     seed: int = typer.Option(42, "--seed", help="Seed of the generation."),
+    device: Optional[str] = typer.Option(None, "--device", show_default="npu > cuda > cpu",
+                                         help="cpu, cuda[:N] or npu[:N]: the device to check."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", show_default="float32 on CPU, else bfloat16",
+                                        help="float32, bfloat16 or float16."),
 ) -> None:
-    """Run the whole pipeline on a small random-weight checkpoint (no downloads, < 1 minute on CPU)."""
+    """Run the whole pipeline on a small random-weight checkpoint (no downloads, < 1 minute on CPU).
+
+    Writes the video, the generated input image (<stem>_input.png) and a preview
+    (<stem>_preview.png: input | first frame | last frame)."""
+    from .config import EngineConfig
+
+    import time
+
+    from .clock import process_age
+    from .config import EngineConfig
+
+    startup = process_age()
+    EngineConfig(ckpt_dir=".", device=device, dtype=dtype or "float32").validate()  # usage errors before torch
+    start = time.perf_counter()
     from .demo import run_demo
 
-    run_demo(out, cache_dir=cache_dir, seed=seed, say=say, progress=_State.verbosity > 0)
+    timings = {"start-up": startup, "import torch": time.perf_counter() - start}
+    run_demo(out, cache_dir=cache_dir, seed=seed, say=say, progress=_State.verbosity > 0, device=device, dtype=dtype,
+             timings=timings)
 
 
 # --------------------------------------------------------------------------- info
@@ -269,7 +288,7 @@ def plan_command(
     max_area: Optional[int] = typer.Option(None, "--max-area", rich_help_panel=SAMPLING, show_default="W*H of --size",
                                            help="Pixel area of the frame (overrides --size)."),
     image: Optional[Path] = typer.Option(None, "--image", rich_help_panel=SAMPLING, show_default="the size's aspect",
-                                         help="Input image: only its aspect ratio is read (from the header)."),
+                                         help="Input image: only its aspect ratio is read (from the header), if it exists here."),
     image_aspect: Optional[float] = typer.Option(None, "--image-aspect", rich_help_panel=SAMPLING,
                                                  show_default="the size's", help="Input image height / width."),
     frame_num: int = typer.Option(81, "--frame-num", rich_help_panel=SAMPLING, help="Frames, 4n+1."),
@@ -328,8 +347,9 @@ def plan_command(
     print(json.dumps(dataclasses.asdict(result), indent=2, default=str) if as_json else format_plan(result))
 
 
-def read_aspect(image: Path) -> float:
-    """height / width of an image file, from its header (EXIF orientation applied)."""
+def read_aspect(image: Path) -> Optional[float]:
+    """height / width of an image file, from its header (EXIF orientation applied); None, with
+    a note, when it cannot be read here (a command line pasted from another machine)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -338,7 +358,8 @@ def read_aspect(image: Path) -> float:
             if handle.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # rotated by 90 degrees
                 width, height = height, width
     except (OSError, UnidentifiedImageError) as exc:
-        raise UserInputError(f"--image: {image}: not a readable image ({exc})") from None
+        say(f"plan: --image {image} cannot be read here ({type(exc).__name__}); using the aspect of --size")
+        return None
     return height / width
 
 
