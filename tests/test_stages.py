@@ -1,0 +1,82 @@
+"""Every stage of a CLI run is announced on stderr, the stage table adds up to the wall time
+since the process started, and -q silences all of it."""
+from __future__ import annotations
+
+import io
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+from helpers import REPO_ROOT
+from wanengine.stage_log import StageLog
+from wanengine.timing import StageTimer
+
+SMALL = ["--max-area", str(64 * 48), "--frame_num", "1", "--sample_steps", "2", "--device", "cpu", "--dtype", "float32"]
+ANNOUNCED = ("load tokenizer", "load text encoder", "load VAE", "load experts", "text encode", "VAE encode",
+             "VAE decode", "write")
+ROWS = ("start-up", "import torch", "check inputs", "read image", *ANNOUNCED, "denoise", "other")
+
+
+def test_stage_log_lines():
+    stream = io.StringIO()
+    timer = StageTimer(log=StageLog(stream=stream))
+    with timer.stage("load VAE", "(2.0 GB)", nbytes=2e9):
+        pass
+    with timer.stage("denoise", announce=False):
+        pass
+    with pytest.raises(RuntimeError):
+        with timer.stage("VAE decode"):
+            raise RuntimeError("boom")
+    lines = stream.getvalue().splitlines()
+    assert re.fullmatch(r"wanengine: load VAE \(2\.0 GB\) \.\.\. \d+\.\d\d s \(.+B/s\)", lines[0]), lines[0]
+    assert re.fullmatch(r"wanengine: VAE decode \.\.\. stopped after \d+\.\d\d s", lines[1]), lines[1]
+    assert len(lines) == 2 and set(timer.seconds) == {"load VAE", "denoise", "VAE decode"}
+    table = timer.table(wall=timer.total + 1.0)
+    assert re.search(r"other\s+1\.00", table) and re.search(rf"total\s+{timer.total + 1.0:.2f}", table)
+    silent = io.StringIO()
+    with StageTimer(log=StageLog(enabled=False, stream=silent)).stage("load VAE"):
+        pass
+    assert silent.getvalue() == ""
+
+
+def _args(golden, out):
+    return ["i2v", "--ckpt_dir", str(golden / "ckpt"), "--image", str(golden / "input.png"), "--prompt", "a cat",
+            *SMALL, "--out", str(out)]
+
+
+@pytest.mark.slow
+def test_every_stage_announced_and_the_table_adds_up_to_the_wall_time(golden, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    start = time.perf_counter()
+    process = subprocess.Popen([sys.executable, str(REPO_ROOT / "cli.py"), *_args(golden, tmp_path / "o.mp4")],
+                               stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env, cwd=tmp_path)
+    lines, total_seen_at = [], None
+    for line in process.stderr:
+        lines.append(line.rstrip("\n"))
+        if line.startswith("total ") and total_seen_at is None:
+            total_seen_at = time.perf_counter() - start  # the run is over; interpreter teardown is not part of it
+    assert process.wait(timeout=300) == 0, "\n".join(lines)
+    text = "\n".join(lines)
+    for stage in ANNOUNCED:  # a line when the stage starts, completed with its time when it ends
+        assert re.search(rf"^wanengine: {stage}\b.* \.\.\. \d+\.\d\d s", text, re.M), stage
+    assert re.search(r"^wanengine: load text encoder \(.+\) \.\.\. \d+\.\d\d s \(.+B/s\)", text, re.M)
+    assert re.search(r"denoise .*2/2 \[", text)  # the step bar, with its elapsed<remaining (ETA)
+    rows = dict(re.findall(r"^(\S(?:.*\S)?)\s{2,}(\d+\.\d\d)\s+\d+\.\d%$", text, re.M))
+    assert set(ROWS) <= set(rows), rows
+    total = float(rows["total"])
+    assert abs(sum(float(v) for k, v in rows.items() if k != "total") - total) < 0.05 * total
+    assert total_seen_at is not None and abs(total - total_seen_at) <= 0.10 * total_seen_at, (total, total_seen_at)
+
+
+def test_quiet_after_the_command_prints_nothing(golden, tmp_path, capsys):
+    from wanengine import cli
+
+    with pytest.raises(SystemExit) as info:
+        cli.main([*_args(golden, tmp_path / "o.mp4"), "-q"])
+    assert (info.value.code or 0) == 0 and (tmp_path / "o.mp4").is_file()
+    captured = capsys.readouterr()
+    assert captured.err == "" and captured.out == ""
