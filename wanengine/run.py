@@ -108,7 +108,7 @@ def run_i2v(plan: RunPlan, say: Callable[..., None] = lambda message, level=1: p
     width, height = plan.frame_size
     say(f"i2v: {width}x{height}, {plan.opts.frame_num} frames, {plan.opts.steps} {plan.opts.solver} steps, "
         f"seed {plan.opts.seed}")
-    with timer.stage("import engine"):
+    with timer.stage("import engine", announce=False):  # torch is in already: a fraction of a second
         from .engine import Engine
         from .parallel import is_writer, make_engine
 
