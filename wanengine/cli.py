@@ -22,6 +22,8 @@ import typer
 from . import __version__
 from .cli_argv import UsageError
 from .errors import UserInputError
+from .runtime_env import is_lead_rank
+
 
 class _PlainHelpFlag:
     """Shows --help/-h as the plain flag it is (typer would print a `<bool>` value)."""
@@ -66,14 +68,9 @@ def say(message: str, level: int = 1) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def lead_rank() -> bool:
-    """True except on the ranks 1.. of a torchrun job (they stay quiet about errors)."""
-    return os.environ.get("RANK", "0") in ("", "0")
-
-
 def fail(message: str, code: int) -> None:
     """One error line (on rank 0 only; other ranks show theirs with --verbose), then exit `code`."""
-    if lead_rank():
+    if is_lead_rank():
         print(f"wanengine: error: {message}", file=sys.stderr, flush=True)
     elif _State.verbosity >= 2:
         print(f"wanengine: rank {os.environ.get('RANK')}: error: {message}", file=sys.stderr, flush=True)
@@ -112,7 +109,7 @@ def handles_errors(command: Callable) -> Callable:
                 raise
             fail(user_message(exc), 2)
         except KeyboardInterrupt:
-            if lead_rank():
+            if is_lead_rank():
                 print("wanengine: interrupted; no output was written", file=sys.stderr)
             raise typer.Exit(130)
         except Exception as exc:  # runtime failure: one line unless --debug
@@ -374,7 +371,7 @@ def run_app(args: List[str]) -> int:
         command = exc.ctx.command_path if exc.ctx is not None else "wanengine"
         return _report(f"{exc.format_message()} (see '{command} --help')")
     except typer.Abort:
-        if lead_rank():
+        if is_lead_rank():
             print("wanengine: interrupted; no output was written", file=sys.stderr)
         return 130
     except typer.Exit as exc:

@@ -20,6 +20,7 @@ from typing import Callable, Dict, Optional
 from .config import EngineConfig, GenerationOptions, latent_grid
 from .errors import ConfigError
 from .io.checkpoint import EXPERTS, preflight_checkpoint
+from .runtime_env import is_lead_rank
 from .stage_log import StageLog
 from .timing import StageTimer
 
@@ -97,7 +98,7 @@ def run_i2v(plan: RunPlan, say: Callable[..., None] = lambda message, level=1: p
     up to the wall time since the process started (`plan.timings` holds the earlier rows)."""
     from .clock import process_age
 
-    lead = os.environ.get("RANK", "0") in ("", "0")
+    lead = is_lead_rank()
     if not lead:  # one rank speaks for a torchrun job
         def say(message: str, level: int = 1) -> None:
             return None
