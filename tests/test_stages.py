@@ -43,6 +43,32 @@ def test_stage_log_lines():
     assert silent.getvalue() == ""
 
 
+def test_step_progress_is_a_bar_on_a_terminal_and_lines_elsewhere():
+    from wanengine.pipeline import StepInfo
+    from wanengine.progress import StepProgress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    for stream, bar in ((io.StringIO(), False), (Terminal(), True)):
+        with StepProgress(3, stream=stream) as progress:
+            for index, expert in enumerate(("high_noise_model", "low_noise_model", "low_noise_model")):
+                progress.update(StepInfo(index, 999 - 100 * index, expert, 3))
+        text = stream.getvalue()
+        if bar:
+            assert "\r" in text and "3/3" in text and "expert=low-noise" in text
+        else:  # first and last step (the middle one came within LINE_INTERVAL_S)
+            lines = text.splitlines()
+            assert len(lines) == 2 and "\r" not in text
+            assert lines[0].startswith("wanengine: denoise 1/3 (t=999, high-noise) ")
+            assert re.fullmatch(r"wanengine: denoise 3/3 \(t=799, low-noise\) \d+\.\d s, ETA 0\.0 s", lines[1])
+    silent = io.StringIO()
+    with StepProgress(1, enabled=False, stream=silent) as progress:
+        progress.update(StepInfo(0, 999, "high_noise_model", 1))
+    assert silent.getvalue() == ""
+
+
 def _args(golden, out):
     return ["i2v", "--ckpt_dir", str(golden / "ckpt"), "--image", str(golden / "input.png"), "--prompt", "a cat",
             *SMALL, "--out", str(out)]
@@ -64,7 +90,7 @@ def test_every_stage_announced_and_the_table_adds_up_to_the_wall_time(golden, tm
     for stage in ANNOUNCED:  # a line when the stage starts, completed with its time when it ends
         assert re.search(rf"^wanengine: {stage}\b.* \.\.\. \d+\.\d\d s", text, re.M), stage
     assert re.search(r"^wanengine: load text encoder \(.+\) \.\.\. \d+\.\d\d s \(.+B/s\)", text, re.M)
-    assert re.search(r"denoise .*2/2 \[", text)  # the step bar, with its elapsed<remaining (ETA)
+    assert re.search(r"^wanengine: denoise 2/2 \(t=\d+, \S+\) \d+\.\d s, ETA 0\.0 s$", text, re.M)  # no bar in a pipe
     rows = dict(re.findall(r"^(\S(?:.*\S)?)\s{2,}(\d+\.\d\d)\s+\d+\.\d%$", text, re.M))
     assert set(ROWS) <= set(rows), rows
     total = float(rows["total"])
