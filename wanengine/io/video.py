@@ -105,8 +105,8 @@ class Video:
 
     def __repr__(self) -> str:  # the dataclass default would print every pixel
         width, height = self.size
-        return (f"Video({self.num_frames} frames of {width}x{height} at {self.fps} fps "
-                f"({self.num_frames / self.fps:.2f} s), seed {self.seed})")
+        seconds = self.num_frames / self.fps if self.fps else 0.0
+        return f"Video({self.num_frames} frames of {width}x{height} at {self.fps} fps ({seconds:.2f} s), seed {self.seed})"
 
     def save(self, path: Union[str, "os.PathLike[str]"]) -> Path:
         """Write `.mp4` (H.264 via imageio-ffmpeg) or `.safetensors` (keys `video`, `latent`,
