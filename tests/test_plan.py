@@ -293,3 +293,16 @@ def test_efficiency_defaults_per_device_with_their_source():
     given = make_plan(device="h200", efficiency=0.5)
     assert given.efficiency == 0.5 and given.efficiency_source == "given (--efficiency)"
     assert given.timing.compute_per_step_s == pytest.approx(h200.timing.compute_per_step_s * 0.61 / 0.5)
+
+
+def test_host_memory_of_offloaded_weights():
+    expert = count_dit_params(**DIT)[0] * 2
+    t5 = count_t5_params(**constants()["umt5_xxl_encoder"]) * 2
+    single = make_plan(device="h200")  # offload: both experts' host copies and T5 stay in RAM
+    assert single.host_bytes_per_rank == 2 * expert + t5 and "host memory" in format_plan(single)
+    assert make_plan(device="h200", offload=False).host_bytes_per_rank == 0
+    assert make_plan(device="h200", offload=False, t5_cpu=True).host_bytes_per_rank == t5
+    assert make_plan(device="cpu").host_bytes_per_rank == 0  # the device is the host
+    replicated = make_plan(device="h100", ulysses_size=8)
+    assert any("each of the 8 ranks keeps" in w for w in replicated.warnings)
+    assert make_plan(device="h100", ulysses_size=8, dit_fsdp=True, t5_fsdp=True).host_bytes_per_rank == 0

@@ -167,6 +167,7 @@ class Plan:
     assumptions: Tuple[str, ...]
     placement: str = "accelerator"   # "cpu" or "accelerator": where the weights live (see placement_kind)
     efficiency_source: str = ""
+    host_bytes_per_rank: float = 0.0  # weights the engine keeps in host RAM beside an accelerator
 
 
 def make_plan(size: Optional[str] = "1280*720", frame_num: int = 81, steps: int = 40, solver: str = "unipc",
@@ -255,7 +256,8 @@ def make_plan(size: Optional[str] = "1280*720", frame_num: int = 81, steps: int 
                     + ("" if offload else " (both experts resident, as the engine keeps them)"),)
     if peak is not None:
         assumptions += (f"efficiency {eff:.2f}: {eff_source}",)
-    plan = Plan(size=f"{geometry.width}*{geometry.height}", frame_num=frame_num, steps=steps, solver=solver, cfg=cfg,
+    plan = Plan(host_bytes_per_rank=_host_bytes(kind, offload, t5_cpu, t5_fsdp, dit_params, t5_params, dtype),
+                size=f"{geometry.width}*{geometry.height}", frame_num=frame_num, steps=steps, solver=solver, cfg=cfg,
                 world_size=world, ulysses_size=ulysses_size, cfg_size=cfg_size, dit_fsdp=dit_fsdp, t5_fsdp=t5_fsdp,
                 t5_cpu=t5_cpu, offload=offload, cfg_batch=cfg_batch, dtype=dtype, vae_parallel=vae_parallel,
                 device=preset.name if preset else None, peak_tflops=peak, efficiency=eff, link_gbps=link,
@@ -265,6 +267,19 @@ def make_plan(size: Optional[str] = "1280*720", frame_num: int = 81, steps: int 
     requested = parse_size(size) if size is not None and image_aspect is None and max_area is None else None
     without_offload = _memory(offload=False, capacity=capacity, **layout, **sizes) if offload else None
     return replace(plan, warnings=tuple(_warnings(plan, requested, preset, without_offload)))
+
+
+def _host_bytes(kind: str, offload: bool, t5_cpu: bool, t5_fsdp: bool, dit_params: int, t5_params: int,
+                dtype: str) -> float:
+    """Weights one rank keeps in host memory next to an accelerator: with offload the host copies
+    of both experts stay for the whole run (moving one off the device only drops its device
+    tensors), and the text encoder lives there with offload or `t5_cpu` (unless sharded)."""
+    if kind == "cpu":
+        return 0.0  # the device is the host: already in the memory table
+    width = DTYPE_BYTES[dtype]
+    experts = 2 * dit_params * width if offload else 0.0
+    text = t5_params * width if (offload or t5_cpu) and not t5_fsdp else 0.0
+    return experts + text
 
 
 def _preset(device: Optional[str]) -> Optional[DevicePreset]:
@@ -452,6 +467,10 @@ def _warnings(plan: Plan, requested: Optional[Tuple[int, int]], preset: Optional
                          ("--vae-parallel", plan.vae_parallel)):
             if on:
                 out.append(f"{flag} on one device does nothing (there is no one to share with)")
+    if world > 1 and plan.host_bytes_per_rank:
+        out.append(f"each of the {world} ranks keeps {plan.host_bytes_per_rank / GB:.0f} GB of weights in host "
+                   f"memory ({world * plan.host_bytes_per_rank / GB:.0f} GB on one server); --dit-fsdp --t5-fsdp "
+                   "shard them on the devices instead")
     if plan.t5_fsdp and plan.t5_cpu:
         out.append("--t5-fsdp has no effect with --t5-cpu (the encoder is on the host)")
     fsdp_time = timing.fsdp_gather_per_step_s if timing is not None else None
