@@ -69,6 +69,28 @@ def test_step_progress_is_a_bar_on_a_terminal_and_lines_elsewhere():
     assert silent.getvalue() == ""
 
 
+def test_vae_decode_reports_its_latent_frames(monkeypatch):
+    import torch
+
+    from wanengine import progress as progress_mod
+    from wanengine.models.vae import VAEConfig, WanVAE
+
+    monkeypatch.setattr(progress_mod, "LINE_INTERVAL_S", 0.0)  # a line for every frame but the last
+    torch.manual_seed(0)
+    vae = WanVAE(VAEConfig(dim=8)).eval()
+    stream = io.StringIO()
+    chunks = progress_mod.ChunkProgress("VAE decode", 3, "latent frames", StageLog(stream=stream))
+    with torch.no_grad(), progress_mod.decoded_frames(vae, chunks):
+        vae.decode(torch.zeros(16, 3, 2, 2), tile_rows=1)  # tiled: frames still counted once each
+    assert chunks.done == 3
+    lines = stream.getvalue().splitlines()
+    assert [line.split(",")[0] for line in lines] == ["wanengine: VAE decode 1/3 latent frames",
+                                                       "wanengine: VAE decode 2/3 latent frames"]
+    assert all("ETA" in line for line in lines)
+    vae.decode(torch.zeros(16, 1, 2, 2))
+    assert chunks.done == 3  # the hook is gone after the stage
+
+
 def _args(golden, out):
     return ["i2v", "--ckpt_dir", str(golden / "ckpt"), "--image", str(golden / "input.png"), "--prompt", "a cat",
             *SMALL, "--out", str(out)]
@@ -88,7 +110,7 @@ def test_every_stage_announced_and_the_table_adds_up_to_the_wall_time(golden, tm
     assert process.wait(timeout=300) == 0, "\n".join(lines)
     text = "\n".join(lines)
     for stage in ANNOUNCED:  # a line when the stage starts, completed with its time when it ends
-        assert re.search(rf"^wanengine: {stage}\b.* \.\.\. \d+\.\d\d s", text, re.M), stage
+        assert re.search(rf"^wanengine: {stage}\b.*(\.\.\.|:) \d+\.\d\d s", text, re.M), stage
     assert re.search(r"^wanengine: load text encoder \(.+\) \.\.\. \d+\.\d\d s \(.+B/s\)", text, re.M)
     assert re.search(r"^wanengine: denoise 2/2 \(t=\d+, \S+\) \d+\.\d s, ETA 0\.0 s$", text, re.M)  # no bar in a pipe
     rows = dict(re.findall(r"^(\S(?:.*\S)?)\s{2,}(\d+\.\d\d)\s+\d+\.\d%$", text, re.M))

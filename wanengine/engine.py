@@ -25,7 +25,7 @@ from .io.image import ImageLike, image_to_tensor, open_image
 from .io.video import Video
 from .pipeline import (StepInfo, batched_cfg, conditioning_video, denoise, first_frame_mask, initial_noise,
                        seq_len_for, sequential_cfg)
-from .progress import StepProgress
+from .progress import ChunkProgress, StepProgress, decoded_frames
 from .schedulers import make_sampler
 from .stage_log import StageLog, human_bytes
 from .timing import StageTimer
@@ -177,7 +177,9 @@ class Engine:
             latent = denoise(get_expert=self.experts.get, sampler=sampler, latent=noise, y=y, contexts=contexts,
                              seq_len=self.seq_len(noise.shape), guide_scale=opts.guidance,
                              guidance=self.guidance(), on_step=step_done, prefetch=self.experts.prefetch)
-        with timer.stage("VAE decode", f"({frames} latent frames -> {opts.frame_num} frames)"):
+        chunks = ChunkProgress("VAE decode", frames, "latent frames", self.stage_log)
+        with timer.stage("VAE decode", f"({frames} latent frames -> {opts.frame_num} frames)"), \
+                decoded_frames(self.vae, chunks):
             video = self.decode(latent)
         metadata = self.metadata(opts, seed, timer)
         return Video(tensor=video.cpu(), latent=latent.float().cpu(), fps=16, seed=seed, metadata=metadata)

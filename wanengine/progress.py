@@ -1,18 +1,22 @@
-"""Progress over the denoising steps, with the active expert and the ETA.
+"""Progress over the denoising steps, with the active expert and the ETA, and over the
+latent frames of a VAE decode.
 
-On a terminal it is a tqdm bar. Anywhere else (a log file, a pipe, torchrun's collected
+Steps: on a terminal a tqdm bar. Anywhere else (a log file, a pipe, torchrun's collected
 output) a bar's carriage returns make an unreadable line, so it prints plain lines instead:
-the first and the last step, and one every `LINE_INTERVAL_S` seconds in between.
+the first and the last step, and one every `LINE_INTERVAL_S` seconds in between. VAE decode:
+such a line every `LINE_INTERVAL_S` seconds (`ChunkProgress`), counted by `decoded_frames`.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
-from typing import Optional, TextIO
+from typing import Iterator, Optional, TextIO
 
 from tqdm import tqdm
 
 from .pipeline import StepInfo
+from .stage_log import StageLog
 
 _SHORT = {"high_noise_model": "high-noise", "low_noise_model": "low-noise"}
 LINE_INTERVAL_S = 5.0
@@ -65,3 +69,40 @@ class StepProgress:
     def __exit__(self, *exc) -> None:
         if self._bar is not None:
             self._bar.close()
+
+
+class ChunkProgress:
+    """`tick()` once per chunk of a long stage; a line (done/total, elapsed, ETA) at most every
+    `LINE_INTERVAL_S` seconds, none for stages shorter than that."""
+
+    def __init__(self, name: str, total: int, unit: str, log: StageLog) -> None:
+        self.name, self.total, self.unit, self.log = name, total, unit, log
+        self.done = 0
+        self._start = self._last_line = time.perf_counter()
+
+    def tick(self) -> None:
+        self.done += 1
+        now = time.perf_counter()
+        if now - self._last_line < LINE_INTERVAL_S or self.done >= self.total:
+            return
+        elapsed = now - self._start
+        eta = elapsed / self.done * (self.total - self.done)
+        self.log.line(f"{self.name} {self.done}/{self.total} {self.unit}, {_duration(elapsed)}, ETA {_duration(eta)}")
+        self._last_line = now
+
+
+@contextlib.contextmanager
+def decoded_frames(vae, progress: ChunkProgress) -> Iterator[None]:
+    """Tick `progress` once per latent frame the VAE decodes, from outside the model: the
+    decoder's stem (`conv1`) runs once per latent frame, tiled or not. A VAE without that
+    structure (or a facade hiding it) simply reports nothing."""
+    inner = getattr(vae, "vae", vae)  # parallel.vae_split's facade keeps the VAE as `.vae`
+    first = getattr(getattr(inner, "decoder", None), "conv1", None)
+    if not progress.log.enabled or first is None or not hasattr(first, "register_forward_pre_hook"):
+        yield
+        return
+    handle = first.register_forward_pre_hook(lambda module, args: progress.tick())
+    try:
+        yield
+    finally:
+        handle.remove()
