@@ -69,7 +69,7 @@ def test_step_progress_is_a_bar_on_a_terminal_and_lines_elsewhere():
     assert silent.getvalue() == ""
 
 
-def test_vae_decode_reports_its_latent_frames(monkeypatch):
+def test_vae_encode_and_decode_report_their_chunks(monkeypatch):
     import torch
 
     from wanengine import progress as progress_mod
@@ -80,15 +80,20 @@ def test_vae_decode_reports_its_latent_frames(monkeypatch):
     vae = WanVAE(VAEConfig(dim=8)).eval()
     stream = io.StringIO()
     chunks = progress_mod.ChunkProgress("VAE decode", 3, "latent frames", StageLog(stream=stream))
-    with torch.no_grad(), progress_mod.decoded_frames(vae, chunks):
+    with torch.no_grad(), progress_mod.vae_chunks(vae, "decoder", chunks):
         vae.decode(torch.zeros(16, 3, 2, 2), tile_rows=1)  # tiled: frames still counted once each
     assert chunks.done == 3
     lines = stream.getvalue().splitlines()
     assert [line.split(",")[0] for line in lines] == ["wanengine: VAE decode 1/3 latent frames",
                                                        "wanengine: VAE decode 2/3 latent frames"]
     assert all("ETA" in line for line in lines)
-    vae.decode(torch.zeros(16, 1, 2, 2))
+    with torch.no_grad():
+        vae.decode(torch.zeros(16, 1, 2, 2))
     assert chunks.done == 3  # the hook is gone after the stage
+    encoding = progress_mod.ChunkProgress("VAE encode", 3, "chunks", StageLog(stream=io.StringIO()))
+    with torch.no_grad(), progress_mod.vae_chunks(vae, "encoder", encoding):
+        vae.encode(torch.zeros(3, 9, 16, 16))  # 9 frames: chunks of 1, 4, 4
+    assert encoding.done == 3
 
 
 def _args(golden, out):

@@ -25,7 +25,7 @@ from .io.image import ImageLike, image_to_tensor, open_image
 from .io.video import Video
 from .pipeline import (StepInfo, batched_cfg, conditioning_video, denoise, first_frame_mask, initial_noise,
                        seq_len_for, sequential_cfg)
-from .progress import ChunkProgress, StepProgress, decoded_frames
+from .progress import ChunkProgress, StepProgress, vae_chunks
 from .schedulers import make_sampler
 from .stage_log import StageLog, human_bytes
 from .timing import StageTimer
@@ -162,7 +162,9 @@ class Engine:
         seed = self.resolve_seed(opts.seed)
         with timer.stage("text encode", "(prompt and negative prompt)"):
             contexts = self.encode_text([opts.prompt, opts.resolved_negative_prompt])
-        with timer.stage("VAE encode", f"({image.width}x{image.height} -> {8 * lat_w}x{8 * lat_h}, {frames} latent frames)"):
+        encoding = ChunkProgress("VAE encode", frames, "chunks", self.stage_log)
+        with timer.stage("VAE encode", f"({image.width}x{image.height} -> {8 * lat_w}x{8 * lat_h}, "
+                                       f"{frames} latent frames)"), vae_chunks(self.vae, "encoder", encoding):
             y = self.encode_image(image_to_tensor(image), frames, lat_h, lat_w, opts.frame_num)
         sampler = make_sampler(opts.solver, opts.steps, opts.shift, device=self.device)
         noise = initial_noise(seed, (16, frames, lat_h, lat_w), self.device)
@@ -177,9 +179,9 @@ class Engine:
             latent = denoise(get_expert=self.experts.get, sampler=sampler, latent=noise, y=y, contexts=contexts,
                              seq_len=self.seq_len(noise.shape), guide_scale=opts.guidance,
                              guidance=self.guidance(), on_step=step_done, prefetch=self.experts.prefetch)
-        chunks = ChunkProgress("VAE decode", frames, "latent frames", self.stage_log)
+        decoding = ChunkProgress("VAE decode", frames, "latent frames", self.stage_log)
         with timer.stage("VAE decode", f"({frames} latent frames -> {opts.frame_num} frames)"), \
-                decoded_frames(self.vae, chunks):
+                vae_chunks(self.vae, "decoder", decoding):
             video = self.decode(latent)
         metadata = self.metadata(opts, seed, timer)
         return Video(tensor=video.cpu(), latent=latent.float().cpu(), fps=16, seed=seed, metadata=metadata)

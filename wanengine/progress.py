@@ -1,10 +1,11 @@
 """Progress over the denoising steps, with the active expert and the ETA, and over the
-latent frames of a VAE decode.
+chunks of a VAE encode / decode.
 
 Steps: on a terminal a tqdm bar. Anywhere else (a log file, a pipe, torchrun's collected
 output) a bar's carriage returns make an unreadable line, so it prints plain lines instead:
 the first and the last step, and one every `LINE_INTERVAL_S` seconds in between. VAE decode:
-such a line every `LINE_INTERVAL_S` seconds (`ChunkProgress`), counted by `decoded_frames`.
+a line every `LINE_INTERVAL_S` seconds (`ChunkProgress`), counted by `vae_chunks`, and so
+for VAE encode.
 """
 from __future__ import annotations
 
@@ -92,12 +93,13 @@ class ChunkProgress:
 
 
 @contextlib.contextmanager
-def decoded_frames(vae, progress: ChunkProgress) -> Iterator[None]:
-    """Tick `progress` once per latent frame the VAE decodes, from outside the model: the
-    decoder's stem (`conv1`) runs once per latent frame, tiled or not. A VAE without that
-    structure (or a facade hiding it) simply reports nothing."""
+def vae_chunks(vae, part: str, progress: ChunkProgress) -> Iterator[None]:
+    """Tick `progress` once per chunk the VAE's `part` ("encoder" or "decoder") runs, from
+    outside the model: its first conv (`conv1`) runs once per chunk -- one latent frame for the
+    decoder (tiled or not), 1 then 4 frames for the encoder. A VAE without that structure (or a
+    facade hiding it) simply reports nothing."""
     inner = getattr(vae, "vae", vae)  # parallel.vae_split's facade keeps the VAE as `.vae`
-    first = getattr(getattr(inner, "decoder", None), "conv1", None)
+    first = getattr(getattr(inner, part, None), "conv1", None)
     if not progress.log.enabled or first is None or not hasattr(first, "register_forward_pre_hook"):
         yield
         return
