@@ -168,7 +168,10 @@ def test_help_and_usage_errors_come_before_torch(no_torch_run):
     """Measured in-process: after --help, --version and usage errors torch is still not imported."""
     for name, result in no_torch_run.items():
         assert result["torch"] is False, name
-    assert no_torch_run["version"]["out"].startswith("wanengine ")
+    from wanengine import __version__
+
+    version = no_torch_run["version"]["out"].strip()
+    assert version.startswith(f"wanengine {__version__} (python ") and "torch " in version
     for name in ("bad_flag", "bad_value"):
         assert no_torch_run[name]["code"] == 2 and len(no_torch_run[name]["err"].strip().splitlines()) == 1
     assert "--frame-num" in no_torch_run["bad_value"]["err"]

@@ -121,9 +121,24 @@ def handles_errors(command: Callable) -> Callable:
     return wrapper
 
 
+def version_line() -> str:
+    """wanengine's version with torch's (and torch_npu's) from the package metadata: nothing
+    is imported, so it answers at once even where torch is broken."""
+    from importlib import metadata
+
+    parts = [f"python {sys.version.split()[0]}"]
+    for package in ("torch", "torch_npu"):
+        try:
+            parts.append(f"{package} {metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            if package == "torch":
+                parts.append("torch not installed")
+    return f"wanengine {__version__} ({', '.join(parts)})"
+
+
 def _show_version(value: bool) -> None:
     if value:
-        print(f"wanengine {__version__}")
+        print(version_line())
         raise typer.Exit(0)
 
 
