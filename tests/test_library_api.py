@@ -66,6 +66,15 @@ def test_bad_images_name_the_argument(value, fragment):
     assert str(pickle.loads(pickle.dumps(error))) == str(error)  # crosses process boundaries intact
 
 
+def test_size_as_a_pair():
+    from wanengine.config import GenerationOptions, parse_size
+
+    assert parse_size((832, 480)) == parse_size("832*480") == (832, 480)
+    assert GenerationOptions(prompt="p", size=(832, 480)).validate().resolved_max_area == 832 * 480
+    with pytest.raises(InvalidArgument, match="^size: "):
+        parse_size((832, 480, 3))
+
+
 def test_video_repr_frames_and_pil():
     tensor = torch.linspace(-1, 1, 3 * 5 * 8 * 12).reshape(3, 5, 8, 12)
     video = Video(tensor=tensor, latent=torch.zeros(16, 2, 1, 1), fps=16, seed=7)

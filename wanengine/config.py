@@ -82,9 +82,11 @@ class EngineConfig:
         return self.world_size > 1 or self.dit_fsdp or self.t5_fsdp or self.vae_parallel
 
 
-def parse_size(size: str) -> Tuple[int, int]:
-    """'W*H' (also 'WxH') -> (W, H), or an InvalidArgument naming `size`."""
-    match = re.fullmatch(r"\s*(\d+)\s*[*xX]\s*(\d+)\s*", size or "")
+def parse_size(size: Union[str, Sequence[int]]) -> Tuple[int, int]:
+    """'W*H' (also 'WxH') or a (W, H) pair -> (W, H), or an InvalidArgument naming `size`."""
+    if isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(n, int) for n in size):
+        size = f"{size[0]}*{size[1]}"
+    match = re.fullmatch(r"\s*(\d+)\s*[*xX]\s*(\d+)\s*", size if isinstance(size, str) else "")
     if not match:
         raise InvalidArgument("size", f"{size!r} is not of the form W*H (e.g. 1280*720 or 832*480)")
     width, height = int(match.group(1)), int(match.group(2))
@@ -120,7 +122,7 @@ class GenerationOptions:
 
     prompt: str
     negative_prompt: Optional[str] = None
-    size: Optional[str] = None
+    size: Optional[Union[str, Tuple[int, int]]] = None  # "W*H" or (W, H)
     max_area: Optional[int] = None
     frame_num: int = field(default_factory=lambda: defaults()["frame_num"])
     steps: int = field(default_factory=lambda: defaults()["sample_steps"])

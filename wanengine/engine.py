@@ -125,7 +125,7 @@ class Engine:
         image: ImageLike,
         prompt: str,
         negative_prompt: Optional[str] = None,
-        size: Optional[str] = None,
+        size: Optional[Union[str, Tuple[int, int]]] = None,
         max_area: Optional[int] = None,
         frame_num: int = 81,
         steps: int = 40,
