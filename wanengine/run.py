@@ -61,9 +61,8 @@ def default_output_name(opts: GenerationOptions, frame_size: tuple) -> Path:
 def preflight_run(cfg: EngineConfig, opts: GenerationOptions, image_path, out: Optional[Path],
                   metrics_json: Optional[Path], *, startup: Optional[float] = None) -> RunPlan:
     """Validate everything a run needs, without reading any weight; returns the plan.
-    `startup`: seconds from the process start to here (the stage table's first row). Silent:
-    a bad input must stay the only line printed."""
-    timer = StageTimer()
+    `startup`: seconds from the process start to here (the stage table's first row)."""
+    timer = StageTimer()  # silent: a bad input must stay the only line printed
     if startup is not None:
         timer.add("start-up", startup)
     with timer.stage("import torch"):  # its own row: 1-5 s that would otherwise hide in the checks
@@ -71,28 +70,26 @@ def preflight_run(cfg: EngineConfig, opts: GenerationOptions, image_path, out: O
 
         from .io.image import open_image
         from .io.video import check_output_path
-    checks_start = time.perf_counter()
-    cfg.validate()
-    opts.validate()
-    layout = preflight_checkpoint(cfg.ckpt_dir)
-    from .models.dit import DiTConfig
+    with timer.stage("check inputs", f"({cfg.ckpt_dir})"):
+        cfg.validate()
+        opts.validate()
+        layout = preflight_checkpoint(cfg.ckpt_dir)
+        from .models.dit import DiTConfig
 
-    num_heads = DiTConfig.from_json(layout.expert(EXPERTS[0]) / "config.json").num_heads
-    check_parallel_layout(cfg, num_heads)
-    image_start = time.perf_counter()
-    image = open_image(image_path)
-    image_end = time.perf_counter()
-    _, lat_h, lat_w = latent_grid(image.height, image.width, opts.resolved_max_area, opts.frame_num)
-    if opts.seed < 0:  # draw now so the file name, the log and the metadata agree
-        opts = opts.with_seed(random.randint(0, 2**31 - 1))
-    frame_size = (8 * lat_w, 8 * lat_h)
-    out = check_output_path(out if out is not None else default_output_name(opts, frame_size))
-    if metrics_json is not None:
-        parent = metrics_json.parent if str(metrics_json.parent) else Path(".")
-        if not parent.is_dir():
-            raise ConfigError(f"--metrics-json: {metrics_json}: directory {parent} does not exist")
-    timer.add("check inputs", (image_start - checks_start) + (time.perf_counter() - image_end))
-    timer.add("read image", image_end - image_start)
+        num_heads = DiTConfig.from_json(layout.expert(EXPERTS[0]) / "config.json").num_heads
+        check_parallel_layout(cfg, num_heads)
+    with timer.stage("read image", f"({image_path})"):
+        image = open_image(image_path)
+    with timer.stage("check inputs", announce=False):
+        _, lat_h, lat_w = latent_grid(image.height, image.width, opts.resolved_max_area, opts.frame_num)
+        if opts.seed < 0:  # draw now so the file name, the log and the metadata agree
+            opts = opts.with_seed(random.randint(0, 2**31 - 1))
+        frame_size = (8 * lat_w, 8 * lat_h)
+        out = check_output_path(out if out is not None else default_output_name(opts, frame_size))
+        if metrics_json is not None:
+            parent = metrics_json.parent if str(metrics_json.parent) else Path(".")
+            if not parent.is_dir():
+                raise ConfigError(f"--metrics-json: {metrics_json}: directory {parent} does not exist")
     return RunPlan(cfg, opts, image, out, metrics_json, frame_size, dict(timer.seconds))
 
 
