@@ -52,7 +52,7 @@ class StepProgress:
     def update(self, info: StepInfo) -> None:
         expert = _SHORT.get(info.expert, info.expert)
         if self._bar is not None:
-            self._bar.set_postfix_str(f"t={info.timestep} expert={expert}", refresh=False)
+            self._bar.set_postfix_str(f"t={info.timestep:g} expert={expert}", refresh=False)
             self._bar.update(1)
             return
         if not self.enabled:
@@ -62,7 +62,7 @@ class StepProgress:
             return
         elapsed = now - self._start
         eta = elapsed / done * (self.total - done)
-        self.stream.write(f"wanengine: denoise {done}/{self.total} (t={info.timestep}, {expert}) "
+        self.stream.write(f"wanengine: denoise {done}/{self.total} (t={info.timestep:g}, {expert}) "
                           f"{_duration(elapsed)}, ETA {_duration(eta)}\n")
         self.stream.flush()
         self._last_line = now
