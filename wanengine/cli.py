@@ -220,8 +220,7 @@ def i2v(
                        kernel_backend=kernel_backend, offload_model=offload_model, t5_cpu=t5_cpu,
                        vae_tile_rows=vae_tile_rows, ulysses_size=ulysses_size, cfg_size=cfg_size, dit_fsdp=dit_fsdp,
                        t5_fsdp=t5_fsdp, vae_parallel=vae_parallel, progress=_State.verbosity > 0)
-    cfg.validate()  # usage errors before torch is imported
-    opts.validate()
+    cfg.validate(), opts.validate()  # usage errors before torch is imported
 
     from .run import preflight_run, run_i2v
 
