@@ -77,9 +77,9 @@ def fail(message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
-# Library argument names -> the CLI flag a user typed (errors name the argument, see errors.py).
-ARGUMENT_FLAGS = {"steps": "--sample-steps", "shift": "--sample-shift", "solver": "--sample-solver",
-                  "seed": "--seed", "guide_scale": "--guide-scale", "path": "--out"}
+# Library argument names whose CLI flag is not "--" + the name in kebab case (errors name the
+# argument, see errors.InvalidArgument; the CLI prints the flag the user typed).
+ARGUMENT_FLAGS = {"steps": "--sample-steps", "shift": "--sample-shift", "solver": "--sample-solver"}
 
 
 def flag_for(argument: str) -> str:
