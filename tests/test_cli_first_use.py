@@ -142,7 +142,8 @@ import contextlib, io, json, sys
 from wanengine import cli
 result = {}
 for name, argv in (("main", ["--help"]), ("i2v", ["i2v", "--help"]), ("plan", ["plan", "--help"]),
-                   ("demo", ["demo", "--help"]), ("info", ["info", "--help"]), ("version", ["--version"]),
+                   ("demo", ["demo", "--help"]), ("info", ["info", "--help"]), ("convert", ["convert", "--help"]),
+                   ("version", ["--version"]),
                    ("bad_flag", ["i2v", "--bogus"]),
                    ("bad_value", ["i2v", "--ckpt-dir", "c", "--image", "i", "--prompt", "p", "--frame-num", "8"])):
     out, err = io.StringIO(), io.StringIO()
@@ -182,7 +183,7 @@ def test_help_fits_80_columns_with_every_flag_whole(no_torch_run):
     import typer
 
     group = typer.main.get_command(cli.app)
-    for name in ("main", "i2v", "plan", "demo", "info"):
+    for name in ("main", "i2v", "plan", "demo", "info", "convert"):
         text = no_torch_run[name]["out"]
         assert max(map(len, text.splitlines())) <= 80, name
         assert "<bool>" not in text, name
