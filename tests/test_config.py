@@ -77,3 +77,18 @@ def test_bad_options_name_their_argument_and_the_cli_its_flag(field, value, flag
 def test_bad_engine_config(field, value):
     with pytest.raises(ConfigError):
         EngineConfig(ckpt_dir="x", **{field: value}).validate()
+
+
+def test_an_error_naming_several_arguments_has_a_cli_wording():
+    import pickle
+
+    from wanengine.cli import user_message
+    from wanengine.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument) as info:
+        EngineConfig(ckpt_dir=None, t5="t5.safetensors").validate()
+    error = info.value
+    assert str(error).startswith("ckpt_dir: ") and "--" not in str(error) and "high_noise_model" in str(error)
+    assert user_message(error).startswith("--ckpt-dir: ") and "--high-noise-model" in user_message(error)
+    assert "--t5," not in user_message(error)  # the one that was given is not asked for
+    assert user_message(pickle.loads(pickle.dumps(error))) == user_message(error)

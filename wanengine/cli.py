@@ -91,7 +91,7 @@ def flag_for(argument: str) -> str:
 def user_message(exc: UserInputError) -> str:
     """The message of a user error, with a library argument name replaced by its CLI flag."""
     argument = getattr(exc, "argument", None)
-    detail = getattr(exc, "detail", None)
+    detail = getattr(exc, "cli_detail", None) or getattr(exc, "detail", None)
     if argument and detail is not None:
         return f"{flag_for(argument)}: {detail}"
     return str(exc)

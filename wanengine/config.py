@@ -74,9 +74,10 @@ class EngineConfig:
 
     def validate(self) -> "EngineConfig":
         if not self.ckpt_dir and not all(self.component_overrides().values()):
-            lacking = ", ".join(name for name, value in self.component_overrides().items() if not value)
-            raise InvalidArgument("ckpt_dir", f"no checkpoint directory given, and no {lacking} "
-                                              "to take those components from")
+            lacking = [name for name, value in self.component_overrides().items() if not value]
+            detail = "no checkpoint directory given, and no {} to take those components from"
+            raise InvalidArgument("ckpt_dir", detail.format(", ".join(lacking)),
+                                  cli_detail=detail.format(", ".join("--" + n.replace("_", "-") for n in lacking)))
         for name in ("dtype", "vae_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise InvalidArgument(name, f"{getattr(self, name)!r} is not one of {', '.join(DTYPES)}")

@@ -7,6 +7,8 @@ library argument (the CLI maps it to the flag).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 
 class WanEngineError(Exception):
     """Base class of every error wanengine raises on purpose."""
@@ -25,13 +27,14 @@ class InvalidArgument(ConfigError):
     library API (`frame_num: 80 is not of the form 4n+1`); `argument` and `detail` hold the
     two parts, so the CLI can print its flag instead (`--frame-num: ...`)."""
 
-    def __init__(self, argument: str, detail: str) -> None:
+    def __init__(self, argument: str, detail: str, cli_detail: Optional[str] = None) -> None:
         super().__init__(f"{argument}: {detail}")
         self.argument = argument
         self.detail = detail
+        self.cli_detail = cli_detail  # the detail in flag words, when it names other arguments too
 
-    def __reduce__(self):  # picklable across processes despite the two-part constructor
-        return type(self), (self.argument, self.detail)
+    def __reduce__(self):  # picklable across processes despite the constructor's parts
+        return type(self), (self.argument, self.detail, self.cli_detail)
 
 
 class CheckpointError(UserInputError):
