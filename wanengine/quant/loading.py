@@ -1,0 +1,241 @@
+"""Streaming loads with 8-bit block linears: published 8-bit experts / text encoders as they
+are, and bf16/fp32 checkpoints quantized at load (`--quantize`, `--quantize-t5`).
+
+Order of work (as every loader here): headers only -> detect the 8-bit layout (`detect`) ->
+build the model on the meta device -> put `Linear8` in place of the 8-bit (or to-be-quantized)
+block linears (`apply_linear8`) -> check every name and shape -> stream the tensors one at a
+time: a stored 8-bit weight is installed as it is read (never a bf16 copy of it), a
+full-precision block weight is quantized by the engine's rule the moment it is read (float32
+for that one tensor only). So the host peak is the loaded 8-bit model plus one tensor.
+
+`open_expert` / `open_t5` return (meta model with final dtypes, tensor stream, source), which
+the single-process install (`install_streaming`) and the FSDP shard loaders
+(`parallel.fsdp`) both consume. Without any 8-bit tensor and without a quantize request they
+are the plain loaders' behaviour exactly.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, Iterable, Iterator, Mapping, Optional, Pattern, Tuple, Union
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError
+from .detect import (DIT_QUANTIZABLE, DIT_QUANTIZABLE_TEXT, T5_QUANTIZABLE, T5_QUANTIZABLE_TEXT, CANONICAL_SCALE,
+                     QuantLayout, TensorInfo, detect_quantization)
+from .linear8 import Linear8, apply_linear8, quantizable_linears
+from .schemes import is_eight_bit, quantize_rows
+
+PathLike = Union[str, "os.PathLike[str]"]
+Stream = Iterator[Tuple[str, torch.Tensor]]
+
+
+# --------------------------------------------------------------------------- shared steps
+def quantize_stream(tensors: Iterable[Tuple[str, torch.Tensor]], modules: Mapping[str, torch.dtype]) -> Stream:
+    """Quantize the weights of `modules` (name -> 8-bit dtype) as they pass, by the engine's rule,
+    yielding `M.weight` (8-bit) and `M.weight_scale`; everything else passes unchanged."""
+    for name, tensor in tensors:
+        module, _, leaf = name.rpartition(".")
+        qdtype = modules.get(module)
+        if leaf == "weight" and qdtype is not None and not is_eight_bit(tensor.dtype):
+            q, scale = quantize_rows(tensor, qdtype)
+            del tensor
+            yield name, q
+            yield f"{module}.{CANONICAL_SCALE}", scale
+        else:
+            yield name, tensor
+
+
+def _final_dtype(model: nn.Module, name: str, tensor_dtype: torch.dtype, dtype: Optional[torch.dtype],
+                 keep_float32: Tuple[str, ...]) -> torch.dtype:
+    """The dtype a tensor is installed in: 8-bit weights and their float32 scales as they are;
+    other floating tensors in `dtype`, except `keep_float32` ones (float32)."""
+    owner_name, _, leaf = name.rpartition(".")
+    owner = model.get_submodule(owner_name) if owner_name else model
+    if isinstance(owner, Linear8) and leaf == "weight":
+        return owner.qdtype
+    if isinstance(owner, Linear8) and leaf == CANONICAL_SCALE:
+        return torch.float32
+    if not tensor_dtype.is_floating_point or dtype is None:
+        return tensor_dtype
+    return torch.float32 if any(k in name for k in keep_float32) else dtype
+
+
+def cast_meta(model: nn.Module, dtype: Optional[torch.dtype], keep_float32: Tuple[str, ...]) -> None:
+    """Give a meta-built model (Linear8 in place) its final parameter dtypes (free on meta)."""
+    for name, param in model.named_parameters():
+        param.data = param.data.to(_final_dtype(model, name, param.dtype, dtype, keep_float32))
+
+
+def install_streaming(model: nn.Module, tensors: Iterable[Tuple[str, torch.Tensor]], *,
+                      device: Union[str, torch.device], dtype: Optional[torch.dtype], source: str,
+                      keep_float32: Iterable[str] = ()) -> nn.Module:
+    """`models.loading.assign_streaming` for models with `Linear8` layers: each tensor goes to
+    `device` in its final dtype (8-bit weights stay 8-bit) as it arrives."""
+    from ..models.loading import _set_tensor
+
+    keep = tuple(keep_float32)
+    for name, tensor in tensors:
+        target = _final_dtype(model, name, tensor.dtype, dtype, keep)
+        if tensor.dtype != target and is_eight_bit(target):
+            raise CheckpointError(f"{source}: tensor {name} is {tensor.dtype}, expected {target}")
+        _set_tensor(model, name, tensor.to(device=device, dtype=target, copy=False))
+        del tensor
+    left = [n for n, t in model.state_dict(keep_vars=True).items() if t.is_meta]
+    if left:
+        raise CheckpointError(f"{source}: {len(left)} tensor(s) never loaded, e.g. {', '.join(left[:5])}")
+    return model.eval().requires_grad_(False)
+
+
+def _to_quantize(model: nn.Module, pattern: Pattern[str], layout: QuantLayout,
+                 quantize: Optional[torch.dtype]) -> Dict[str, torch.dtype]:
+    """Block linears stored in full precision that `--quantize` turns 8-bit."""
+    if quantize is None:
+        return {}
+    return {name: quantize for name in quantizable_linears(model, pattern) if name not in layout.layers}
+
+
+def check_tensor_dtypes(tensors: Mapping[str, TensorInfo], layout: QuantLayout) -> None:
+    """Only the 8-bit weights of the layout (and the records it drops) may be non-floating."""
+    for name, info in tensors.items():
+        if info.dtype.is_floating_point or name in layout.dropped:
+            continue
+        module, _, leaf = name.rpartition(".")
+        if not (leaf == "weight" and module in layout.layers):
+            raise CheckpointError(f"{info.file}: tensor {name} has non-floating dtype {info.dtype}")
+
+
+# --------------------------------------------------------------------------- DiT experts
+@dataclass(frozen=True)
+class QuantExpertPlan:
+    """`dit_loading.ExpertPlan` plus the 8-bit layout detected in its tensors."""
+
+    plan: "object"  # models.dit_loading.ExpertPlan
+    layout: QuantLayout
+
+    @property
+    def config(self):
+        return self.plan.config
+
+    @property
+    def source(self) -> str:
+        return self.plan.source
+
+    @property
+    def records(self):
+        return self.plan.records
+
+
+def _records_index(records) -> Dict[str, TensorInfo]:
+    return {r.name: TensorInfo(r.dtype, tuple(r.shape), str(r.shard)) for r in records}
+
+
+def _record_reader(records) -> Callable[[str], torch.Tensor]:
+    from ..models.dit_loading import _read_tensor
+
+    by_name = {r.name: r for r in records}
+
+    def read(name: str) -> torch.Tensor:
+        record = by_name[name]
+        with open(record.shard, "rb", buffering=0) as handle:
+            return _read_tensor(handle, record)
+
+    return read
+
+
+def inspect_expert_8bit(expert_dir: PathLike) -> QuantExpertPlan:
+    """Every check `dit_loading.inspect_expert` makes, for a released-layout expert that may hold
+    8-bit block linears (headers and the tiny `comfy_quant` records only; no weights read)."""
+    from ..models.dit import DiTConfig, WanDiT
+    from ..models.dit_loading import _LAYOUT, CONFIG_NAME, ExpertPlan, _plan
+    from ..models.loading import check_names_and_shapes, expected_shapes
+
+    expert_dir = Path(expert_dir)
+    if not expert_dir.is_dir():
+        raise CheckpointError(f"{expert_dir}: expert directory not found ({_LAYOUT})")
+    config = DiTConfig.from_json(expert_dir / CONFIG_NAME)
+    source, records = _plan(expert_dir)
+    index = _records_index(records)
+    layout = detect_quantization(index, quantizable=DIT_QUANTIZABLE, allowed_text=DIT_QUANTIZABLE_TEXT,
+                                 read_small=_record_reader(records))
+    with torch.device("meta"):
+        model = apply_linear8(WanDiT(config), layout.qdtypes())
+    check_names_and_shapes(expected_shapes(model), layout.canonical_shapes({n: i.shape for n, i in index.items()}),
+                           source)
+    check_tensor_dtypes(index, layout)
+    return QuantExpertPlan(ExpertPlan(config, source, records), layout)
+
+
+def open_expert(expert_dir: PathLike, *, dtype: Optional[torch.dtype], quantize: Optional[torch.dtype] = None,
+                keep_float32: Optional[Iterable[str]] = None) -> Tuple[nn.Module, Stream, str]:
+    """(the expert on meta with `Linear8` in place and final dtypes, its tensor stream in
+    `Linear8` names, the file named in messages)."""
+    from ..models.dit import WanDiT
+    from ..models.dit_loading import FLOAT32_PARAMS, stream_tensors
+
+    keep = tuple(FLOAT32_PARAMS if keep_float32 is None else keep_float32)
+    plan = inspect_expert_8bit(expert_dir)
+    with torch.device("meta"):
+        model = WanDiT(plan.config)
+    extra = _to_quantize(model, DIT_QUANTIZABLE, plan.layout, quantize)
+    apply_linear8(model, {**plan.layout.qdtypes(), **extra})
+    cast_meta(model, dtype, keep)
+    tensors = quantize_stream(plan.layout.canonical_tensors(stream_tensors(plan.records)), extra)
+    return model, tensors, plan.source
+
+
+def load_expert(expert_dir: PathLike, *, device: Union[str, torch.device] = "cpu",
+                dtype: Optional[torch.dtype] = torch.bfloat16, quantize: Optional[torch.dtype] = None,
+                keep_float32: Optional[Iterable[str]] = None) -> nn.Module:
+    """`load_dit` that also loads 8-bit block linears as stored and, with `quantize`, quantizes
+    the full-precision ones while streaming. Plain checkpoints without `quantize` load exactly
+    as `load_dit` loads them."""
+    from ..models.dit_loading import FLOAT32_PARAMS
+
+    keep = tuple(FLOAT32_PARAMS if keep_float32 is None else keep_float32)
+    model, tensors, source = open_expert(expert_dir, dtype=dtype, quantize=quantize, keep_float32=keep)
+    return install_streaming(model, tensors, device=device, dtype=dtype, source=source, keep_float32=keep)
+
+
+# --------------------------------------------------------------------------- UMT5
+def open_t5(path: PathLike, *, dtype: Optional[torch.dtype],
+            quantize: Optional[torch.dtype] = None) -> Tuple[nn.Module, Stream, str]:
+    """The UMT5 encoder on meta with `Linear8` in place (8-bit tensors found in the file, plus
+    `quantize` for the full-precision block linears), and its tensor stream."""
+    from ..models.loading import check_names_and_shapes, expected_shapes, iter_state_dict, load_pth_state_dict
+    from ..models.t5 import T5Config, UMT5Encoder
+
+    source = os.fspath(path)
+    state = load_pth_state_dict(source)
+    return open_t5_state(state, source, dtype=dtype, quantize=quantize)
+
+
+def open_t5_state(state: Dict[str, torch.Tensor], source: str, *, dtype: Optional[torch.dtype],
+                  quantize: Optional[torch.dtype] = None) -> Tuple[nn.Module, Stream, str]:
+    """`open_t5` on an already opened (memory-mapped) state dict in released UMT5 names."""
+    from ..models.loading import check_names_and_shapes, expected_shapes, iter_state_dict
+    from ..models.t5 import T5Config, UMT5Encoder
+
+    index = {n: TensorInfo(t.dtype, tuple(t.shape), source) for n, t in state.items()}
+    layout = detect_quantization(index, quantizable=T5_QUANTIZABLE, allowed_text=T5_QUANTIZABLE_TEXT,
+                                 read_small=lambda name: state[name])
+    shapes = layout.canonical_shapes({n: i.shape for n, i in index.items()})
+    cfg = T5Config.from_state_dict_shapes(shapes, source)
+    with torch.device("meta"):
+        model = UMT5Encoder(cfg)
+    extra = _to_quantize(model, T5_QUANTIZABLE, layout, quantize)
+    apply_linear8(model, {**layout.qdtypes(), **extra})
+    check_names_and_shapes(expected_shapes(model), shapes, source)
+    check_tensor_dtypes(index, layout)
+    cast_meta(model, dtype, ())
+    return model, quantize_stream(layout.canonical_tensors(iter_state_dict(state)), extra), source
+
+
+def load_t5(path: PathLike, *, device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.bfloat16,
+            quantize: Optional[torch.dtype] = None) -> nn.Module:
+    """`models.t5.load_t5` with 8-bit block linears (stored or quantized at load)."""
+    model, tensors, source = open_t5(path, dtype=dtype, quantize=quantize)
+    return install_streaming(model, tensors, device=device, dtype=dtype, source=source)
