@@ -336,3 +336,72 @@ def npu_layer_norm_eval(input, normalized_shape, weight=None, bias=None, eps=1e-
     out = F.layer_norm(input.float(), shape, weight.float() if weight is not None else None,
                        bias.float() if bias is not None else None, eps)
     return out.to(input.dtype)
+
+
+# ----------------------------------------------------------------------------- 8-bit matmul
+
+_INT8_MAX_DIM = 65535
+
+
+@_recorded()
+def npu_dynamic_quant(input, *, smooth_scales=None, group_index=None, dst_type=None):
+    """Per-token symmetric int8 quantization: `scale = amax|x| / 127` over the last dim."""
+    op = "npu_dynamic_quant"
+    assert isinstance(input, torch.Tensor), f"{op}: input must be a tensor"
+    assert input.dtype in (torch.float16, torch.bfloat16), f"{op}: input dtype {input.dtype} unsupported (fp16/bf16 only)"
+    assert input.dim() >= 2, f"{op}: input must be at least 2-D, got {tuple(input.shape)}"
+    assert group_index is None, f"{op}: group_index (MoE) is not implemented by the double"
+    assert dst_type in (None, torch.int8), f"{op}: the double implements dst_type=None/int8 only, got {dst_type}"
+    x = input.float()
+    if smooth_scales is not None:
+        assert isinstance(smooth_scales, torch.Tensor) and smooth_scales.dtype == input.dtype, (
+            f"{op}: smooth_scales must be a tensor of input's dtype {input.dtype}"
+        )
+        assert tuple(smooth_scales.shape) == (input.shape[-1],), f"{op}: smooth_scales shape must be ({input.shape[-1]},)"
+        x = x * smooth_scales.float()
+    scale = x.abs().amax(dim=-1) / 127.0
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))  # all-zero rows quantize to 0
+    y = torch.round(x / safe[..., None]).clamp(-128, 127).to(torch.int8)
+    return y, scale
+
+
+@_recorded()
+def npu_quant_matmul(x1, x2, scale, *, offset=None, pertoken_scale=None, bias=None, output_dtype=None):
+    """`(x1 @ x2) * scale * pertoken_scale + bias` with int8 x1 `[M, K]`, x2 `[K, N]`."""
+    op = "npu_quant_matmul"
+    for name, t in (("x1", x1), ("x2", x2)):
+        assert isinstance(t, torch.Tensor) and t.dtype == torch.int8, (
+            f"{op}: {name} must be an int8 tensor, got {getattr(t, 'dtype', type(t).__name__)}"
+        )
+        assert t.dim() == 2, f"{op}: {name} must be 2-D, got {tuple(t.shape)} (flatten tokens first)"
+    m, k = x1.shape
+    k2, n = x2.shape
+    assert k == k2, f"{op}: x1 [M, K]={tuple(x1.shape)} and x2 [K, N]={tuple(x2.shape)} disagree on K"
+    assert k <= _INT8_MAX_DIM and n <= _INT8_MAX_DIM, f"{op}: K={k} and N={n} must be at most {_INT8_MAX_DIM}"
+    assert output_dtype in (None, torch.int8, torch.float16, torch.bfloat16), f"{op}: output_dtype {output_dtype} unsupported"
+    result_dtype = torch.int8 if output_dtype is None else output_dtype
+    assert isinstance(scale, torch.Tensor) and scale.dim() == 1 and scale.shape[0] in (1, n), (
+        f"{op}: scale must be 1-D (N,)=({n},) or (1,), got {tuple(getattr(scale, 'shape', ()))}"
+    )
+    assert scale.dtype in (torch.float32, torch.bfloat16), f"{op}: scale dtype {scale.dtype} unsupported (float32/bf16)"
+    assert scale.dtype != torch.bfloat16 or result_dtype == torch.bfloat16, f"{op}: a bf16 scale needs output_dtype=torch.bfloat16"
+    assert offset is None, f"{op}: offset is not implemented by the double"
+    acc = x1.double() @ x2.double()  # exact: |sum| <= 127 * 128 * 65535 < 2^53
+    if bias is not None:
+        assert isinstance(bias, torch.Tensor) and tuple(bias.shape) == (n,), f"{op}: bias must have shape ({n},)"
+        assert bias.dtype in (torch.bfloat16, torch.float32, torch.int32), f"{op}: bias dtype {bias.dtype} unsupported"
+        if bias.dtype == torch.int32:  # an int32 bias is added to the int32 accumulator
+            acc = acc + bias.double()
+    out = acc * scale.double()
+    if pertoken_scale is not None:
+        assert result_dtype in (torch.float16, torch.bfloat16), f"{op}: pertoken_scale needs output_dtype float16/bfloat16"
+        assert isinstance(pertoken_scale, torch.Tensor) and pertoken_scale.dtype == torch.float32, (
+            f"{op}: pertoken_scale must be float32"
+        )
+        assert tuple(pertoken_scale.shape) == (m,), f"{op}: pertoken_scale must be 1-D (M,)=({m},), got {tuple(pertoken_scale.shape)}"
+        out = out * pertoken_scale.double()[:, None]
+    if bias is not None and bias.dtype != torch.int32:
+        out = out + bias.double()
+    if result_dtype == torch.int8:
+        return torch.round(out).clamp(-128, 127).to(torch.int8)
+    return out.to(result_dtype)
