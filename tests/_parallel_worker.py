@@ -304,7 +304,47 @@ def case_device(args, rank: int, world: int) -> dict:
     return report
 
 
-CASES = {"attention": case_attention, "vae": case_vae, "fsdp": case_fsdp, "e2e": case_e2e, "device": case_device}
+def case_fsdp8(args, rank: int, world: int) -> dict:
+    """8-bit block linears under FSDP: an expert quantized at load (int8 and fp8) and the UMT5
+    encoder (int8), sharded vs. the same load unsharded; bytes held per rank."""
+    import torch
+    import torch.distributed as dist
+    from safetensors.torch import load_file
+
+    from helpers import golden_dir
+    from wanengine.parallel.fsdp import (full_parameter_bytes, load_dit_sharded, load_t5_sharded,
+                                         local_parameter_bytes, reshard, world_mesh)
+    from wanengine.quant.loading import load_expert, load_t5
+
+    dist.init_process_group("gloo")
+    mesh = world_mesh("cpu")
+    ckpt = golden_dir() / "ckpt"
+    golden = load_file(str(golden_dir() / "dit.safetensors"))
+    x, y, t = golden["x"], golden["y"], golden["t"]
+    context = [golden["context"]] if golden["context"].dim() == 2 else list(golden["context"])
+    report: dict = {}
+    with torch.no_grad():
+        for name, qdtype in (("int8", torch.int8), ("fp8", torch.float8_e4m3fn)):
+            sharded = load_dit_sharded(ckpt / "low_noise_model", device=torch.device("cpu"), dtype=torch.float32,
+                                       mesh=mesh, quantize=qdtype)
+            plain = load_expert(ckpt / "low_noise_model", device="cpu", dtype=torch.float32, quantize=qdtype)
+            report[f"dit_{name}_local_fraction"] = local_parameter_bytes(sharded) / full_parameter_bytes(sharded)
+            report[f"dit_{name}_max_abs_vs_unsharded"] = _max_abs(sharded(x, t, context, y), plain(x, t, context, y))
+            reshard(sharded)
+            report[f"dit_{name}_dtypes"] = sorted({str(p.dtype) for p in sharded.parameters()})
+        t5_golden = load_file(str(golden_dir() / "t5.safetensors"))
+        t5_path = ckpt / "models_t5_umt5-xxl-enc-bf16.pth"
+        t5 = load_t5_sharded(t5_path, device=torch.device("cpu"), dtype=torch.float32, mesh=mesh, quantize=torch.int8)
+        plain_t5 = load_t5(t5_path, device="cpu", dtype=torch.float32, quantize=torch.int8)
+        rows, plain_rows = t5.encode(t5_golden["ids"], t5_golden["mask"]), plain_t5.encode(t5_golden["ids"], t5_golden["mask"])
+        reshard(t5)
+        report["t5_int8_max_abs_vs_unsharded"] = max(_max_abs(a, b) for a, b in zip(rows, plain_rows))
+        report["t5_int8_local_fraction"] = local_parameter_bytes(t5) / full_parameter_bytes(t5)
+    return report
+
+
+CASES = {"attention": case_attention, "vae": case_vae, "fsdp": case_fsdp, "e2e": case_e2e, "device": case_device,
+         "fsdp8": case_fsdp8}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -16,6 +16,7 @@ from .errors import ConfigError
 DTYPES = ("float32", "bfloat16", "float16")
 SOLVERS = ("unipc", "dpm++")
 KERNEL_BACKENDS = ("auto", "reference", "cuda", "npu")
+QUANTIZE_FORMATS = ("int8", "fp8")  # 8-bit weight formats of --quantize / --quantize-t5
 VAE_STRIDE = (4, 8, 8)
 PATCH = (1, 2, 2)
 
@@ -36,6 +37,9 @@ class EngineConfig:
         cfg_batch: evaluate the conditional and unconditional branches as one batch of 2.
         ulysses_size, cfg_size, dit_fsdp, t5_fsdp, vae_parallel: multi-card layout (torchrun).
         progress: show the step bar and the stage table.
+        quantize: "int8" or "fp8": quantize the experts' block linears stored in full precision
+            while loading (`--quantize`; published 8-bit experts load as they are without it).
+        quantize_t5: the same for the text encoder's block linears (`--quantize-t5`).
     """
 
     ckpt_dir: str
@@ -53,6 +57,8 @@ class EngineConfig:
     t5_fsdp: bool = False
     vae_parallel: bool = False
     progress: bool = True
+    quantize: Optional[str] = None
+    quantize_t5: Optional[str] = None
 
     def validate(self) -> "EngineConfig":
         if not self.ckpt_dir:
@@ -71,6 +77,10 @@ class EngineConfig:
             raise ConfigError(f"cfg_size (--cfg-size): must be 1 or 2 (two guidance branches), got {self.cfg_size}")
         if self.vae_tile_rows is not None and self.vae_tile_rows < 1:
             raise ConfigError(f"vae_tile_rows: must be >= 1, got {self.vae_tile_rows}")
+        for name in ("quantize", "quantize_t5"):
+            if getattr(self, name) is not None and getattr(self, name) not in QUANTIZE_FORMATS:
+                raise ConfigError(f"{name} (--{name.replace('_', '-')}): {getattr(self, name)!r} is not one of "
+                                  f"{', '.join(QUANTIZE_FORMATS)}")
         return self
 
     @property

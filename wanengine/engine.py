@@ -67,17 +67,31 @@ class Engine:
         from .models import load_t5
 
         home = torch.device("cpu") if (self.cfg.t5_cpu or self.offload) else self.device
-        t5 = load_t5(self.layout.t5, device=home, dtype=self.dtype)
+        if self.cfg.quantize_t5:  # 8-bit block linears, quantized while streaming
+            from .quant.loading import load_t5 as load_t5_8bit
+
+            t5 = load_t5_8bit(self.layout.t5, device=home, dtype=self.dtype, quantize=self.quantize_dtype("quantize_t5"))
+        else:
+            t5 = load_t5(self.layout.t5, device=home, dtype=self.dtype)
         visits = self.offload and not self.cfg.t5_cpu
         self.t5_visits = ExpertSwitcher({"t5": t5}, self.device, offload=True) if visits else None
         return t5
 
     def load_experts(self) -> Dict[str, nn.Module]:
         """Both experts, on the host with offload (the switcher moves one in at a time)."""
-        from .models import load_dit
+        from .quant.loading import load_expert  # load_dit, plus 8-bit experts and --quantize
 
         home = torch.device("cpu") if self.offload else self.device
-        return {name: load_dit(self.layout.expert(name), device=home, dtype=self.dtype) for name in EXPERTS}
+        quantize = self.quantize_dtype("quantize")
+        return {name: load_expert(self.layout.expert(name), device=home, dtype=self.dtype, quantize=quantize)
+                for name in EXPERTS}
+
+    def quantize_dtype(self, option: str) -> Optional[torch.dtype]:
+        """The 8-bit storage dtype `--quantize` / `--quantize-t5` asks for, or None."""
+        from .quant.schemes import resolve_quant_dtype
+
+        name = getattr(self.cfg, option)
+        return resolve_quant_dtype(name, f"--{option.replace('_', '-')}") if name else None
 
     # ------------------------------------------------------------------ stages
     def encode_text(self, prompts: Sequence[str]) -> Tuple[torch.Tensor, ...]:

@@ -69,10 +69,10 @@ def preflight_checkpoint(ckpt_dir: Union[str, "os.PathLike[str]"]) -> Checkpoint
     missing = [str(p.relative_to(root)) for p in required if not p.is_file()]
     if missing:
         raise CheckpointError(f"--ckpt-dir: {root}: missing {', '.join(missing)} ({LAYOUT_HINT})")
-    from ..models.dit_loading import inspect_expert  # names, shapes, index and shards, from headers only
+    from ..quant.loading import inspect_expert_8bit  # names, shapes, index, shards, 8-bit layout: headers only
 
     for expert in EXPERTS:
-        inspect_expert(layout.expert(expert))
+        inspect_expert_8bit(layout.expert(expert))
     check_torch_zip(layout.t5)
     check_torch_zip(layout.vae)
     return layout

@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable, Dict, Iterable, Iterator, Mapping, Optional, Pattern, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, Mapping, Optional, Pattern, Tuple, Union
 
 import torch
 from torch import nn
@@ -113,7 +112,7 @@ def check_tensor_dtypes(tensors: Mapping[str, TensorInfo], layout: QuantLayout) 
 class QuantExpertPlan:
     """`dit_loading.ExpertPlan` plus the 8-bit layout detected in its tensors."""
 
-    plan: "object"  # models.dit_loading.ExpertPlan
+    plan: Any  # models.dit_loading.ExpertPlan
     layout: QuantLayout
 
     @property
@@ -134,69 +133,79 @@ def _records_index(records) -> Dict[str, TensorInfo]:
 
 
 def _record_reader(records) -> Callable[[str], torch.Tensor]:
-    from ..models.dit_loading import _read_tensor
+    from ..io.formats.safetensors_files import read_tensor
 
     by_name = {r.name: r for r in records}
 
     def read(name: str) -> torch.Tensor:
         record = by_name[name]
         with open(record.shard, "rb", buffering=0) as handle:
-            return _read_tensor(handle, record)
+            return read_tensor(handle, record)
 
     return read
 
 
-def inspect_expert_8bit(expert_dir: PathLike) -> QuantExpertPlan:
-    """Every check `dit_loading.inspect_expert` makes, for a released-layout expert that may hold
-    8-bit block linears (headers and the tiny `comfy_quant` records only; no weights read)."""
-    from ..models.dit import DiTConfig, WanDiT
-    from ..models.dit_loading import _LAYOUT, CONFIG_NAME, ExpertPlan, _plan
-    from ..models.loading import check_names_and_shapes, expected_shapes
+def inspect_expert_8bit(source: PathLike, *, config_file: Optional[PathLike] = None) -> QuantExpertPlan:
+    """Every check `dit_loading.inspect_expert` makes, for an expert (any layout it reads) that
+    may hold 8-bit block linears: headers and the tiny `comfy_quant` records only, no weights.
 
-    expert_dir = Path(expert_dir)
-    if not expert_dir.is_dir():
-        raise CheckpointError(f"{expert_dir}: expert directory not found ({_LAYOUT})")
-    config = DiTConfig.from_json(expert_dir / CONFIG_NAME)
-    source, records = _plan(expert_dir)
-    index = _records_index(records)
-    layout = detect_quantization(index, quantizable=DIT_QUANTIZABLE, allowed_text=DIT_QUANTIZABLE_TEXT,
-                                 read_small=_record_reader(records))
-    with torch.device("meta"):
-        model = apply_linear8(WanDiT(config), layout.qdtypes())
-    check_names_and_shapes(expected_shapes(model), layout.canonical_shapes({n: i.shape for n, i in index.items()}),
-                           source)
-    check_tensor_dtypes(index, layout)
-    return QuantExpertPlan(ExpertPlan(config, source, records), layout)
+    Hooked in through `inspect_expert(split_extra=...)`: the 8-bit layout is detected on the
+    renamed records, the scales and format records are set aside as extras (the 8-bit weights
+    keep the model's names and shapes, so the strict check still covers them), and the dtypes
+    are checked here (only the layout's 8-bit weights may be integer)."""
+    from ..models.dit_loading import inspect_expert
+
+    found: Dict[str, QuantLayout] = {}
+
+    def split_extra(records):
+        index = _records_index(records)
+        layout = detect_quantization(index, quantizable=DIT_QUANTIZABLE, allowed_text=DIT_QUANTIZABLE_TEXT,
+                                     read_small=_record_reader(records))
+        found["layout"] = layout
+        extra_names = layout.dropped | {layer.scale_name for layer in layout.layers.values()}
+        return ([r for r in records if r.name not in extra_names], [r for r in records if r.name in extra_names])
+
+    plan = inspect_expert(source, config_file=config_file, split_extra=split_extra)
+    layout = found["layout"]
+    check_tensor_dtypes(_records_index(plan.records), layout)
+    return QuantExpertPlan(plan, layout)
 
 
 def open_expert(expert_dir: PathLike, *, dtype: Optional[torch.dtype], quantize: Optional[torch.dtype] = None,
-                keep_float32: Optional[Iterable[str]] = None) -> Tuple[nn.Module, Stream, str]:
+                keep_float32: Optional[Iterable[str]] = None, config_file: Optional[PathLike] = None) -> Tuple[nn.Module, Stream, str]:
     """(the expert on meta with `Linear8` in place and final dtypes, its tensor stream in
     `Linear8` names, the file named in messages)."""
+    from ..io.formats.safetensors_files import stream_tensors
     from ..models.dit import WanDiT
-    from ..models.dit_loading import FLOAT32_PARAMS, stream_tensors
+    from ..models.dit_loading import FLOAT32_PARAMS
 
     keep = tuple(FLOAT32_PARAMS if keep_float32 is None else keep_float32)
-    plan = inspect_expert_8bit(expert_dir)
+    plan = inspect_expert_8bit(expert_dir, config_file=config_file)
     with torch.device("meta"):
         model = WanDiT(plan.config)
     extra = _to_quantize(model, DIT_QUANTIZABLE, plan.layout, quantize)
     apply_linear8(model, {**plan.layout.qdtypes(), **extra})
     cast_meta(model, dtype, keep)
-    tensors = quantize_stream(plan.layout.canonical_tensors(stream_tensors(plan.records)), extra)
+    stored = stream_tensors(list(plan.records) + list(plan.plan.extra))
+    tensors = quantize_stream(plan.layout.canonical_tensors(stored), extra)
     return model, tensors, plan.source
 
 
 def load_expert(expert_dir: PathLike, *, device: Union[str, torch.device] = "cpu",
                 dtype: Optional[torch.dtype] = torch.bfloat16, quantize: Optional[torch.dtype] = None,
-                keep_float32: Optional[Iterable[str]] = None) -> nn.Module:
+                keep_float32: Optional[Iterable[str]] = None, config_file: Optional[PathLike] = None) -> nn.Module:
     """`load_dit` that also loads 8-bit block linears as stored and, with `quantize`, quantizes
     the full-precision ones while streaming. Plain checkpoints without `quantize` load exactly
     as `load_dit` loads them."""
-    from ..models.dit_loading import FLOAT32_PARAMS
+    from ..models.dit_loading import FLOAT32_PARAMS, load_dit
 
     keep = tuple(FLOAT32_PARAMS if keep_float32 is None else keep_float32)
-    model, tensors, source = open_expert(expert_dir, dtype=dtype, quantize=quantize, keep_float32=keep)
+    if quantize is None:
+        plan = inspect_expert_8bit(expert_dir, config_file=config_file)
+        if not plan.layout.quantized:  # nothing 8-bit: the plain loader, unchanged
+            return load_dit(expert_dir, device=device, dtype=dtype, keep_float32=keep, plan=plan.plan)
+    model, tensors, source = open_expert(expert_dir, dtype=dtype, quantize=quantize, keep_float32=keep,
+                                         config_file=config_file)
     return install_streaming(model, tensors, device=device, dtype=dtype, source=source, keep_float32=keep)
 
 
@@ -205,8 +214,7 @@ def open_t5(path: PathLike, *, dtype: Optional[torch.dtype],
             quantize: Optional[torch.dtype] = None) -> Tuple[nn.Module, Stream, str]:
     """The UMT5 encoder on meta with `Linear8` in place (8-bit tensors found in the file, plus
     `quantize` for the full-precision block linears), and its tensor stream."""
-    from ..models.loading import check_names_and_shapes, expected_shapes, iter_state_dict, load_pth_state_dict
-    from ..models.t5 import T5Config, UMT5Encoder
+    from ..models.loading import load_pth_state_dict
 
     source = os.fspath(path)
     state = load_pth_state_dict(source)
@@ -226,10 +234,11 @@ def open_t5_state(state: Dict[str, torch.Tensor], source: str, *, dtype: Optiona
     cfg = T5Config.from_state_dict_shapes(shapes, source)
     with torch.device("meta"):
         model = UMT5Encoder(cfg)
-    extra = _to_quantize(model, T5_QUANTIZABLE, layout, quantize)
-    apply_linear8(model, {**layout.qdtypes(), **extra})
+    apply_linear8(model, layout.qdtypes())
     check_names_and_shapes(expected_shapes(model), shapes, source)
     check_tensor_dtypes(index, layout)
+    extra = _to_quantize(model, T5_QUANTIZABLE, layout, quantize)
+    apply_linear8(model, extra)
     cast_meta(model, dtype, ())
     return model, quantize_stream(layout.canonical_tensors(iter_state_dict(state)), extra), source
 
