@@ -101,7 +101,7 @@ def checkpoint_with_experts(root: Path, golden_ckpt: Path, experts: Dict[str, Di
         if item == "models_t5_umt5-xxl-enc-bf16.pth" and t5_state is not None:
             torch.save(t5_state, root / item)
             continue
-        os.symlink(golden_ckpt / item, root / item)
+        os.symlink((golden_ckpt / item).resolve(), root / item)
     for name, tensors in experts.items():
         write_expert(root / name, tensors, golden_ckpt / name)
     return root

@@ -105,6 +105,11 @@ def i2v(
     vae_parallel: bool = typer.Option(False, "--vae-parallel", "--vae_parallel", help="Split the VAE over the ranks."),
     metrics_json: Optional[Path] = typer.Option(None, "--metrics-json", help="Write timings, settings, seed, versions."),
     task: str = typer.Option("i2v-A14B", "--task", help="Accepted for reference scripts; must be i2v-A14B."),
+    quantize: Optional[str] = typer.Option(None, "--quantize", rich_help_panel="8-bit weights",
+                                           help="int8 or fp8: quantize the experts' block linears while loading "
+                                                "(published 8-bit experts load as they are without it)."),
+    quantize_t5: Optional[str] = typer.Option(None, "--quantize-t5", rich_help_panel="8-bit weights",
+                                              help="int8 or fp8: the same for the text encoder."),
 ) -> None:
     """Generate a video from an image and a prompt."""
     from .config import EngineConfig, GenerationOptions
@@ -118,7 +123,8 @@ def i2v(
     cfg = EngineConfig(ckpt_dir=str(ckpt_dir), device=device, dtype=dtype, kernel_backend=kernel_backend,
                        offload_model=offload_model, t5_cpu=t5_cpu, vae_tile_rows=vae_tile_rows,
                        ulysses_size=ulysses_size, cfg_size=cfg_size, dit_fsdp=dit_fsdp, t5_fsdp=t5_fsdp,
-                       vae_parallel=vae_parallel, progress=_State.verbosity > 0)
+                       vae_parallel=vae_parallel, progress=_State.verbosity > 0,
+                       quantize=quantize, quantize_t5=quantize_t5)
     plan = preflight_run(cfg, opts, image, out, metrics_json)
     run_i2v(plan, say=say)
 
@@ -179,6 +185,10 @@ def plan_command(
     efficiency: Optional[float] = typer.Option(None, "--efficiency", help="Fraction of peak achieved."),
     link_gbps: Optional[float] = typer.Option(None, "--link-gbps", help="Per-link bandwidth for communication."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+    weights: Optional[str] = typer.Option(None, "--weights", rich_help_panel="8-bit weights",
+                                          help="int8 or fp8: the experts' block linears in 8 bits."),
+    t5_weights: Optional[str] = typer.Option(None, "--t5-weights", rich_help_panel="8-bit weights",
+                                             help="int8 or fp8: the text encoder's block linears in 8 bits."),
 ) -> None:
     """Estimate FLOP, memory per device and time for one video; needs no weights."""
     import dataclasses
@@ -189,7 +199,8 @@ def plan_command(
                        solver=solver, cfg=guidance, world_size=world_size, ulysses_size=ulysses_size, cfg_size=cfg_size,
                        dit_fsdp=dit_fsdp, t5_fsdp=t5_fsdp, t5_cpu=t5_cpu, offload=offload_model, cfg_batch=cfg_batch,
                        dtype=dtype, vae_parallel=vae_parallel, device=hardware, device_peak_tflops=peak_tflops,
-                       device_memory_gb=memory_gb, efficiency=efficiency, link_gbps=link_gbps)
+                       device_memory_gb=memory_gb, efficiency=efficiency, link_gbps=link_gbps,
+                       weights=weights, t5_weights=t5_weights)
     print(json.dumps(dataclasses.asdict(result), indent=2, default=str) if as_json else format_plan(result))
 
 

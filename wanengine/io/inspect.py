@@ -14,15 +14,17 @@ from .checkpoint import EXPERTS, preflight_checkpoint
 def _expert(expert_dir: Path) -> Dict[str, Any]:
     from dataclasses import asdict
 
-    from ..models.dit_loading import inspect_expert
+    from ..quant.loading import describe_8bit, inspect_expert_8bit
 
-    plan = inspect_expert(expert_dir)
+    quant_plan = inspect_expert_8bit(expert_dir)  # inspect_expert, plus the 8-bit layout
+    plan = quant_plan.plan
     dtypes: Counter = Counter()
     for record in plan.records:
         dtypes[str(record.dtype).replace("torch.", "")] += math.prod(record.shape)
     return {"path": str(expert_dir), "shards": len({r.shard for r in plan.records}), "tensors": len(plan.records),
             "parameters": plan.parameters, "bytes": plan.nbytes, "dtypes": dict(dtypes),
-            "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(plan.config).items()}}
+            "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(plan.config).items()},
+            "eight_bit": describe_8bit(quant_plan.layout)}
 
 
 def _pth(path: Path) -> Dict[str, Any]:
@@ -66,4 +68,9 @@ def format_description(description: Dict[str, Any]) -> str:
         config = description[name]["config"]
         lines.append(f"\n{name}: {description[name]['shards']} shard(s); " +
                      ", ".join(f"{k}={v}" for k, v in config.items()))
+        eight_bit = description[name].get("eight_bit")
+        if eight_bit and eight_bit["layers"]:
+            lines.append(f"  8-bit: {eight_bit['format']}: {eight_bit['layers']} block linears "
+                         f"({', '.join(f'{n} {d}' for d, n in eight_bit['dtypes'].items())}), e.g. "
+                         f"{', '.join(eight_bit['examples'])}")
     return "\n".join(lines)

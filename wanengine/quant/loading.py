@@ -209,6 +209,17 @@ def load_expert(expert_dir: PathLike, *, device: Union[str, torch.device] = "cpu
     return install_streaming(model, tensors, device=device, dtype=dtype, source=source, keep_float32=keep)
 
 
+def describe_8bit(layout: QuantLayout, examples: int = 3) -> Dict[str, Any]:
+    """What `wanengine info` shows about a component's 8-bit tensors."""
+    dtypes: Dict[str, int] = {}
+    for layer in layout.layers.values():
+        key = str(layer.qdtype).replace("torch.", "")
+        dtypes[key] = dtypes.get(key, 0) + 1
+    per_tensor = sum(not layer.per_channel for layer in layout.layers.values())
+    return {"format": layout.label, "layers": len(layout.layers), "dtypes": dtypes,
+            "per_tensor_scales": per_tensor, "examples": [f"{name}.weight" for name in list(layout.layers)[:examples]]}
+
+
 # --------------------------------------------------------------------------- UMT5
 def open_t5(path: PathLike, *, dtype: Optional[torch.dtype],
             quantize: Optional[torch.dtype] = None) -> Tuple[nn.Module, Stream, str]:
