@@ -1,4 +1,4 @@
-"""`Engine(cfg).i2v(image, prompt)`: loads the components of a released checkpoint once and
+"""`Engine(cfg).i2v(image, prompt)`: loads the components of a checkpoint (any layout) once and
 runs the image-to-video pipeline, returning a `Video`.
 
 Order of work: validate the configuration and preflight the checkpoint (no weights read),
@@ -53,7 +53,7 @@ class Engine:
         prepare_device(self.device)
         self.dtype = resolve_dtype(cfg.dtype)
         self.vae_dtype = resolve_dtype(cfg.vae_dtype)
-        self.layout = preflight_checkpoint(cfg.ckpt_dir)
+        self.layout = preflight_checkpoint(cfg.ckpt_dir, cfg.component_overrides(), cfg.dit_config)
         # This engine's own kernels, bound around its work (`kernels.using_own_kernels`): another
         # engine in the process, with another backend, cannot switch them.
         self.kernel_set = kernels.select(cfg.kernel_backend, self.device)
@@ -65,14 +65,14 @@ class Engine:
 
     # ------------------------------------------------------------------ loading
     def _load(self) -> None:
-        from .models import load_tokenizer, load_vae
+        from .models import Tokenizer, load_vae
 
         def stage(name: str, *paths: Path):  # a load stage with its bytes on disk (for a GB/s figure)
             nbytes = sum(map(bytes_on_disk, paths))
             return self.load_timer.stage(name, f"({human_bytes(nbytes)})", nbytes=nbytes)
 
-        with stage("load tokenizer", self.layout.tokenizer_dir):
-            self.tokenizer = load_tokenizer(self.layout.root)
+        with stage("load tokenizer", self.layout.tokenizer):
+            self.tokenizer = Tokenizer(self.layout.tokenizer)
         with stage("load text encoder", self.layout.t5):
             self.t5 = self.load_text_encoder()
         with stage("load VAE", self.layout.vae):
@@ -84,15 +84,10 @@ class Engine:
         """UMT5 on the device, or on the host with `t5_cpu` or offload. With offload (and not
         `t5_cpu`) it visits the device only to encode; its host copy stays, so leaving the
         device is dropping the device tensors, not copying 11 GB back."""
-        from .models import load_t5
+        from .quant.loading import load_t5  # models.load_t5, plus 8-bit encoders and --quantize-t5
 
         home = torch.device("cpu") if (self.cfg.t5_cpu or self.offload) else self.device
-        if self.cfg.quantize_t5:  # 8-bit block linears, quantized while streaming
-            from .quant.loading import load_t5 as load_t5_8bit
-
-            t5 = load_t5_8bit(self.layout.t5, device=home, dtype=self.dtype, quantize=self.quantize_dtype("quantize_t5"))
-        else:
-            t5 = load_t5(self.layout.t5, device=home, dtype=self.dtype)
+        t5 = load_t5(self.layout.t5, device=home, dtype=self.dtype, quantize=self.quantize_dtype("quantize_t5"))
         visits = self.offload and not self.cfg.t5_cpu
         self.t5_visits = ExpertSwitcher({"t5": t5}, self.device, offload=True) if visits else None
         return t5
@@ -103,8 +98,8 @@ class Engine:
 
         home = torch.device("cpu") if self.offload else self.device
         quantize = self.quantize_dtype("quantize")
-        return {name: load_expert(self.layout.expert(name), device=home, dtype=self.dtype, quantize=quantize)
-                for name in EXPERTS}
+        return {name: load_expert(self.layout.expert(name), device=home, dtype=self.dtype, quantize=quantize,
+                                  config_file=self.layout.dit_config) for name in EXPERTS}
 
     def quantize_dtype(self, option: str) -> Optional[torch.dtype]:
         """The 8-bit storage dtype `--quantize` / `--quantize-t5` asks for, or None."""

@@ -80,7 +80,8 @@ class ParallelEngine(Engine):
         if not self.cfg.dit_fsdp:
             return {name: self._ulysses(expert) for name, expert in super().load_experts().items()}
         return {name: load_dit_sharded(self.layout.expert(name), device=self.device, dtype=self.dtype,
-                                       mesh=self._mesh, prepare=self._ulysses, quantize=self.quantize_dtype("quantize"))
+                                       mesh=self._mesh, prepare=self._ulysses,
+                                       config_file=self.layout.dit_config, quantize=self.quantize_dtype("quantize"))
                 for name in EXPERTS}
 
     # ------------------------------------------------------------------ stages

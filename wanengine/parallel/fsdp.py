@@ -127,6 +127,7 @@ def copy_into_shards(model: nn.Module, tensors: Iterable[Tuple[str, torch.Tensor
 
 def load_dit_sharded(expert_dir: Union[str, "os.PathLike[str]"], *, device: torch.device, dtype: torch.dtype,
                      mesh, prepare: Optional[Callable[[nn.Module], nn.Module]] = None,
+                     config_file: Optional[Union[str, "os.PathLike[str]"]] = None,
                      quantize: Optional[torch.dtype] = None) -> nn.Module:
     """One expert, FSDP-sharded over `mesh` as it loads: meta build (8-bit block linears as
     `Linear8`, stored 8-bit or `quantize`d while streaming) -> `prepare` (e.g. the Ulysses
@@ -136,7 +137,8 @@ def load_dit_sharded(expert_dir: Union[str, "os.PathLike[str]"], *, device: torc
     from ..quant.loading import open_expert
 
     # every check load_dit makes, from the headers; the meta model already has its final dtypes
-    model, tensors, source = open_expert(expert_dir, dtype=dtype, quantize=quantize, keep_float32=FLOAT32_PARAMS)
+    model, tensors, source = open_expert(expert_dir, dtype=dtype, quantize=quantize, keep_float32=FLOAT32_PARAMS,
+                                         config_file=config_file)
     if prepare is not None:
         model = prepare(model)
     if fsdp2_available():
@@ -150,20 +152,20 @@ def load_dit_sharded(expert_dir: Union[str, "os.PathLike[str]"], *, device: torc
 
 def load_t5_sharded(path: Union[str, "os.PathLike[str]"], *, device: torch.device, dtype: torch.dtype,
                     mesh, quantize: Optional[torch.dtype] = None) -> nn.Module:
-    """The UMT5 encoder, FSDP-sharded over `mesh` as it loads (the `.pth` is memory-mapped and
-    read one tensor at a time; block linears 8-bit with `quantize`). The token embedding and
-    every block are their own units; the root is not sharded because `UMT5Encoder.encode`
-    calls `self.forward` directly."""
+    """The UMT5 encoder, FSDP-sharded over `mesh` as it loads (any layout `load_t5` reads,
+    streamed one tensor at a time; block linears 8-bit as stored or with `quantize`). The token
+    embedding and every block are their own units; the root is not sharded because
+    `UMT5Encoder.encode` calls `self.forward` directly."""
     from ..quant.loading import open_t5
 
     model, tensors, source = open_t5(path, dtype=dtype, quantize=quantize)
     if fsdp2_available():
         apply_fsdp(model, mesh, units=("token_embedding",), shard_root=False)
         model.to_empty(device=device)
-        copy_into_shards(model, tensors, source)
+        copy_into_shards(model, tensors.stream(), source)
         return model.eval().requires_grad_(False)
     _refuse_8bit_fsdp1(model)
-    return _fsdp1_streamed(model, tensors, device, source, units=("token_embedding",), shard_root=False)
+    return _fsdp1_streamed(model, tensors.stream(), device, source, units=("token_embedding",), shard_root=False)
 
 
 def _refuse_8bit_fsdp1(model: nn.Module) -> None:

@@ -16,15 +16,15 @@ are the plain loaders' behaviour exactly.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Dict, Iterable, Iterator, Mapping, Optional, Pattern, Tuple, Union
 
 import torch
 from torch import nn
 
 from ..errors import CheckpointError
-from .detect import (DIT_QUANTIZABLE, DIT_QUANTIZABLE_TEXT, T5_QUANTIZABLE, T5_QUANTIZABLE_TEXT, CANONICAL_SCALE,
-                     QuantLayout, TensorInfo, detect_quantization)
+from .detect import (CANONICAL_SCALE, COMFY_QUANT, COMFY_SCALE, DIT_QUANTIZABLE, DIT_QUANTIZABLE_TEXT, INPUT_SCALE,
+                     SCALE, T5_QUANTIZABLE, T5_QUANTIZABLE_TEXT, QuantLayout, TensorInfo, detect_quantization)
 from .linear8 import Linear8, apply_linear8, quantizable_linears
 from .schemes import is_eight_bit, quantize_rows
 
@@ -221,27 +221,70 @@ def describe_8bit(layout: QuantLayout, examples: int = 3) -> Dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- UMT5
-def open_t5(path: PathLike, *, dtype: Optional[torch.dtype],
-            quantize: Optional[torch.dtype] = None) -> Tuple[nn.Module, Stream, str]:
-    """The UMT5 encoder on meta with `Linear8` in place (8-bit tensors found in the file, plus
-    `quantize` for the full-precision block linears), and its tensor stream."""
-    from ..models.loading import load_pth_state_dict
-
-    source = os.fspath(path)
-    state = load_pth_state_dict(source)
-    return open_t5_state(state, source, dtype=dtype, quantize=quantize)
+EXTRA_LEAVES = (COMFY_SCALE, SCALE, INPUT_SCALE, COMFY_QUANT)
 
 
-def open_t5_state(state: Dict[str, torch.Tensor], source: str, *, dtype: Optional[torch.dtype],
-                  quantize: Optional[torch.dtype] = None) -> Tuple[nn.Module, Stream, str]:
-    """`open_t5` on an already opened (memory-mapped) state dict in released UMT5 names."""
-    from ..models.loading import check_names_and_shapes, expected_shapes, iter_state_dict
+class Quant8Component:
+    """A text encoder's `ComponentTensors` with its 8-bit layout: `stream()` yields the tensors
+    in `Linear8` names (and quantizes `quantize_modules` as they pass); everything else
+    (source, layout, shapes, dtypes, records, ...) is the wrapped object's."""
+
+    def __init__(self, tensors, eight_bit: QuantLayout, quantize_modules: Mapping[str, torch.dtype]) -> None:
+        self.tensors, self.eight_bit, self.quantize_modules = tensors, eight_bit, dict(quantize_modules)
+
+    def __getattr__(self, name: str):
+        return getattr(self.tensors, name)
+
+    def stream(self) -> Stream:
+        return quantize_stream(self.eight_bit.canonical_tensors(self.tensors.stream()), self.quantize_modules)
+
+
+def _rename_extras(tensors, rename: Callable[[str], str]):
+    """8-bit scales and records in a format's own naming (`encoder.block.0.layer.0.SelfAttention.q.
+    scale_weight`) follow their weight through the format's table, which only knows weights."""
+    from ..io.formats.component_files import ComponentTensors
+
+    mapping = {}
+    for name in tensors.shapes:
+        module, _, leaf = name.rpartition(".")
+        if leaf in EXTRA_LEAVES:
+            weight = rename(f"{module}.weight")
+            if weight != f"{module}.weight":
+                mapping[name] = f"{weight[: -len('weight')]}{leaf}"
+    if not mapping:
+        return tensors
+    new = lambda n: mapping.get(n, n)  # noqa: E731
+    records = tensors.records
+    state = None if records is not None else {new(n): t for n, t in tensors._state.items()}
+    if records is not None:
+        records = [replace(r, name=new(r.name)) for r in records]
+    return ComponentTensors(tensors.source, tensors.layout, {new(n): s for n, s in tensors.shapes.items()},
+                            {new(n): d for n, d in tensors.dtypes.items()}, records=records, state=state)
+
+
+def _component_reader(tensors) -> Callable[[str], torch.Tensor]:
+    if tensors.records is not None:
+        return _record_reader(tensors.records)
+    return lambda name: tensors._state[name]  # a memory-mapped .pth entry
+
+
+def open_t5(path: PathLike, *, dtype: Optional[torch.dtype] = None,
+            quantize: Optional[torch.dtype] = None) -> Tuple[nn.Module, Quant8Component, str]:
+    """`models.t5.open_t5` for encoders that may hold 8-bit block linears (any layout it reads,
+    e.g. ComfyUI's `umt5_xxl_fp8_e4m3fn_scaled.safetensors` in transformers names): (the encoder
+    on meta with `Linear8` in place -- stored 8-bit layers plus `quantize` for the others -- and
+    final dtypes, its tensors (`.stream()` them), the file named in messages)."""
+    from ..io.formats.component_files import T5_KIND, open_component
+    from ..io.formats.umt5_transformers import to_released_t5_name
+    from ..models.loading import check_names_and_shapes, expected_shapes
     from ..models.t5 import T5Config, UMT5Encoder
 
-    index = {n: TensorInfo(t.dtype, tuple(t.shape), source) for n, t in state.items()}
+    tensors = _rename_extras(open_component(path, T5_KIND), to_released_t5_name)
+    source = tensors.source
+    index = {n: TensorInfo(tensors.dtypes[n], tuple(shape), source) for n, shape in tensors.shapes.items()}
     layout = detect_quantization(index, quantizable=T5_QUANTIZABLE, allowed_text=T5_QUANTIZABLE_TEXT,
-                                 read_small=lambda name: state[name])
-    shapes = layout.canonical_shapes({n: i.shape for n, i in index.items()})
+                                 read_small=_component_reader(tensors))
+    shapes = layout.canonical_shapes(tensors.shapes)
     cfg = T5Config.from_state_dict_shapes(shapes, source)
     with torch.device("meta"):
         model = UMT5Encoder(cfg)
@@ -251,11 +294,17 @@ def open_t5_state(state: Dict[str, torch.Tensor], source: str, *, dtype: Optiona
     extra = _to_quantize(model, T5_QUANTIZABLE, layout, quantize)
     apply_linear8(model, extra)
     cast_meta(model, dtype, ())
-    return model, quantize_stream(layout.canonical_tensors(iter_state_dict(state)), extra), source
+    return model, Quant8Component(tensors, layout, extra), source
 
 
 def load_t5(path: PathLike, *, device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.bfloat16,
             quantize: Optional[torch.dtype] = None) -> nn.Module:
-    """`models.t5.load_t5` with 8-bit block linears (stored or quantized at load)."""
+    """`models.t5.load_t5` with 8-bit block linears (stored, or quantized at load with `quantize`).
+    Without either it is `models.t5.load_t5` itself."""
+    from ..models.t5 import load_t5 as load_plain
+
     model, tensors, source = open_t5(path, dtype=dtype, quantize=quantize)
-    return install_streaming(model, tensors, device=device, dtype=dtype, source=source)
+    if not tensors.eight_bit.quantized and not tensors.quantize_modules:
+        del model, tensors
+        return load_plain(path, device=device, dtype=dtype)
+    return install_streaming(model, tensors.stream(), device=device, dtype=dtype, source=source)
