@@ -48,15 +48,17 @@ def quantize_rows(weight: torch.Tensor, qdtype: torch.dtype) -> Tuple[torch.Tens
         raise ValueError(f"not an 8-bit dtype: {qdtype}")
     if weight.dim() != 2:
         raise ValueError(f"expected a 2-D [out, in] weight, got shape {tuple(weight.shape)}")
-    w = weight.to(torch.float32)
     qmax = QMAX[qdtype]
-    absmax = w.abs().amax(dim=1, keepdim=True)  # [out, 1]
+    absmax = weight.abs().amax(dim=1, keepdim=True).to(torch.float32)  # [out, 1]; exact in any float dtype
     scale = torch.where(absmax > 0, absmax / qmax, torch.ones_like(absmax))
-    scaled = w / scale
+    # One float32 working copy, divided in place (the same arithmetic as W / scale): at load time
+    # this is the only full-size temporary besides the 8-bit result.
+    scaled = weight.to(torch.float32, copy=True).div_(scale)
     if qdtype == torch.int8:
-        q = torch.round(scaled).clamp_(-127, 127).to(torch.int8)
+        q = scaled.round_().clamp_(-127, 127).to(torch.int8)
     else:
         q = scaled.to(qdtype)
+    del scaled
     return q, scale
 
 
