@@ -172,9 +172,11 @@ def inspect_expert_8bit(source: PathLike, *, config_file: Optional[PathLike] = N
 
 
 def open_expert(expert_dir: PathLike, *, dtype: Optional[torch.dtype], quantize: Optional[torch.dtype] = None,
-                keep_float32: Optional[Iterable[str]] = None, config_file: Optional[PathLike] = None) -> Tuple[nn.Module, Stream, str]:
+                keep_float32: Optional[Iterable[str]] = None, config_file: Optional[PathLike] = None,
+                merger=None) -> Tuple[nn.Module, Stream, str]:
     """(the expert on meta with `Linear8` in place and final dtypes, its tensor stream in
-    `Linear8` names, the file named in messages)."""
+    `Linear8` names, the file named in messages). `merger`: adapter deltas merged into the
+    stream (`quant.lora.merge_stream`: 8-bit layers dequantized, merged, re-quantized)."""
     from ..io.formats.safetensors_files import stream_tensors
     from ..models.dit import WanDiT
     from ..models.dit_loading import FLOAT32_PARAMS
@@ -187,25 +189,31 @@ def open_expert(expert_dir: PathLike, *, dtype: Optional[torch.dtype], quantize:
     apply_linear8(model, {**plan.layout.qdtypes(), **extra})
     cast_meta(model, dtype, keep)
     stored = stream_tensors(list(plan.records) + list(plan.plan.extra))
-    tensors = quantize_stream(plan.layout.canonical_tensors(stored), extra)
+    tensors = plan.layout.canonical_tensors(stored)
+    if merger is not None and merger.targets:
+        from .lora import merge_stream
+
+        tensors = merge_stream(tensors, merger, plan.layout.qdtypes(), extra)
+    tensors = quantize_stream(tensors, extra)
     return model, tensors, plan.source
 
 
 def load_expert(expert_dir: PathLike, *, device: Union[str, torch.device] = "cpu",
                 dtype: Optional[torch.dtype] = torch.bfloat16, quantize: Optional[torch.dtype] = None,
-                keep_float32: Optional[Iterable[str]] = None, config_file: Optional[PathLike] = None) -> nn.Module:
+                keep_float32: Optional[Iterable[str]] = None, config_file: Optional[PathLike] = None,
+                merger=None) -> nn.Module:
     """`load_dit` that also loads 8-bit block linears as stored and, with `quantize`, quantizes
-    the full-precision ones while streaming. Plain checkpoints without `quantize` load exactly
-    as `load_dit` loads them."""
+    the full-precision ones while streaming. Plain checkpoints without `quantize` (and without
+    a `merger`, see `open_expert`) load exactly as `load_dit` loads them."""
     from ..models.dit_loading import FLOAT32_PARAMS, load_dit
 
     keep = tuple(FLOAT32_PARAMS if keep_float32 is None else keep_float32)
-    if quantize is None:
+    if quantize is None and merger is None:
         plan = inspect_expert_8bit(expert_dir, config_file=config_file)
         if not plan.layout.quantized:  # nothing 8-bit: the plain loader, unchanged
             return load_dit(expert_dir, device=device, dtype=dtype, keep_float32=keep, plan=plan.plan)
     model, tensors, source = open_expert(expert_dir, dtype=dtype, quantize=quantize, keep_float32=keep,
-                                         config_file=config_file)
+                                         config_file=config_file, merger=merger)
     return install_streaming(model, tensors, device=device, dtype=dtype, source=source, keep_float32=keep)
 
 
