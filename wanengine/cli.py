@@ -277,12 +277,17 @@ def convert(
     vae: Optional[Path] = vae_option(),
     tokenizer: Optional[Path] = tokenizer_option(),
     dit_config: Optional[Path] = dit_config_option(),
+    quantize: Optional[str] = typer.Option(None, "--quantize", rich_help_panel="8-bit weights",
+                                           help="int8 or fp8: write the experts' block linears 8-bit "
+                                                "(default: 8-bit sources are dequantized to bfloat16)."),
+    quantize_t5: Optional[str] = typer.Option(None, "--quantize-t5", rich_help_panel="8-bit weights",
+                                              help="int8 or fp8: the same for the text encoder."),
 ) -> None:
     """Write any layout as the released layout, tensor by tensor (stored dtypes kept)."""
     from .io.convert import convert_checkpoint
 
     sources = weight_sources(ckpt_dir, high_noise_model, low_noise_model, t5, vae, tokenizer, dit_config)
-    convert_checkpoint(out, **sources, say=say)
+    convert_checkpoint(out, **sources, say=say, quantize=quantize, quantize_t5=quantize_t5)
 
 
 # --------------------------------------------------------------------------- plan
