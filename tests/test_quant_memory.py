@@ -6,8 +6,10 @@ docs/performance.md); generous bounds, since this model's embeddings weigh more 
 
 - stored int8: peak rise <= the spec's bound for a test model, 0.5 x (block linears in bf16)
   + the rest as loaded, plus 8 MiB of loader overhead (one tensor in flight; seen ~4 MiB);
-- `--quantize int8` from bf16: the int8 result plus 3 float32 copies of the largest tensor
-  (source, working copy, slack) plus 8 MiB.
+- `--quantize int8` from bf16: the int8 result plus 6 float32 copies of the largest tensor
+  plus 8 MiB (seen 40-49 MiB against this bound's 60: the source tensor and the float32
+  working copy, and freed temporaries the allocator keeps) -- far below a bf16 copy of the
+  expert on top of the int8 one (~72 MiB).
 """
 from __future__ import annotations
 
@@ -35,5 +37,6 @@ def test_int8_expert_loads_at_about_its_8bit_size() -> None:
     assert int8["peak_rise_bytes"] <= spec_bound + 8 * MIB, (int8, spec_bound)
     largest = config["ffn_dim"] * config["dim"] * 4
     assert quantized["weights_bytes"] == int8["weights_bytes"]
-    assert quantized["peak_rise_bytes"] <= int8["weights_bytes"] + 3 * largest + 8 * MIB, quantized
+    assert quantized["peak_rise_bytes"] <= int8["weights_bytes"] + 6 * largest + 8 * MIB, quantized
+    assert quantized["peak_rise_bytes"] < int8["weights_bytes"] + bf16["weights_bytes"]  # no bf16 copy held
     assert int8["peak_rise_bytes"] < 0.8 * bf16["peak_rise_bytes"]  # the bf16 load of the same expert
