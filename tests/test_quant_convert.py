@@ -70,3 +70,32 @@ def test_convert_rejects_a_bad_quantize_value_before_writing(tmp_path: Path, gol
     assert result.stderr.strip().splitlines() == ["wanengine: error: --quantize: 'int4' is not an 8-bit format; "
                                                   "choose one of int8, fp8"]
     assert not out.exists()
+
+
+def test_comfyui_fp8_text_encoder_in_transformers_names(tmp_path: Path, golden: Path, golden_ckpt: Path) -> None:
+    """`umt5_xxl_fp8_e4m3fn_scaled.safetensors` as ComfyUI ships it: transformers names, fp8
+    block linears with per-tensor `scale_weight`, the `scaled_fp8` marker; it encodes as its
+    dequantized copy in float32 (the scales follow their weights through the naming table)."""
+    from safetensors.torch import load_file, save_file
+
+    from quant_files import T5_LINEAR
+    from wanengine.io.formats.umt5_transformers import to_transformers_t5_name
+    from wanengine.models.t5 import load_t5 as load_plain_t5
+
+    state = torch.load(golden_ckpt / T5, weights_only=True)
+    stored, dequantized = quantize_file(state, "comfy-fp8", linear=T5_LINEAR)
+    renamed = {}
+    for name, tensor in stored.items():
+        module, _, leaf = name.rpartition(".")
+        new = name if name == "scaled_fp8" else (to_transformers_t5_name(f"{module}.weight")[: -len("weight")] + leaf
+                                                 if leaf in ("scale_weight", "scale_input") else to_transformers_t5_name(name))
+        renamed[new] = tensor.contiguous()
+    assert "encoder.block.0.layer.0.SelfAttention.q.scale_weight" in renamed
+    save_file(renamed, str(tmp_path / "umt5_xxl_fp8_e4m3fn_scaled.safetensors"))
+    torch.save(dequantized, tmp_path / "dequantized.pth")
+    eight = load_t5(tmp_path / "umt5_xxl_fp8_e4m3fn_scaled.safetensors", dtype=torch.float32)
+    full = load_plain_t5(tmp_path / "dequantized.pth", dtype=torch.float32)
+    case = load_file(str(golden / "t5.safetensors"))
+    for a, b in zip(eight.encode(case["ids"], case["mask"]), full.encode(case["ids"], case["mask"])):
+        assert float((a - b).abs().max()) <= 1e-5
+    assert eight.blocks[1].ffn.fc2.weight.dtype == torch.float8_e4m3fn
