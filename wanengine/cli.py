@@ -21,6 +21,7 @@ import typer
 
 from . import __version__
 from .cli_argv import UsageError
+from .cli_quant import PANEL as QUANT_PANEL, quantize_option, quantize_t5_option
 from .cli_weights import (ckpt_dir_option, dit_config_option, high_noise_option, low_noise_option, t5_option,
                           tokenizer_option, vae_option, weight_sources)
 from .errors import UserInputError
@@ -183,11 +184,8 @@ def i2v(
     vae: Optional[Path] = vae_option(),
     tokenizer: Optional[Path] = tokenizer_option(),
     dit_config: Optional[Path] = dit_config_option(),
-    quantize: Optional[str] = typer.Option(None, "--quantize", rich_help_panel="8-bit weights",
-                                           help="int8 or fp8: quantize the experts' block linears while loading "
-                                                "(published 8-bit experts load as they are without it)."),
-    quantize_t5: Optional[str] = typer.Option(None, "--quantize-t5", rich_help_panel="8-bit weights",
-                                              help="int8 or fp8: the same for the text encoder."),
+    quantize: Optional[str] = quantize_option(),
+    quantize_t5: Optional[str] = quantize_t5_option(),
 ) -> None:
     """Generate a video from an image and a prompt."""
     from .clock import process_age
@@ -277,11 +275,9 @@ def convert(
     vae: Optional[Path] = vae_option(),
     tokenizer: Optional[Path] = tokenizer_option(),
     dit_config: Optional[Path] = dit_config_option(),
-    quantize: Optional[str] = typer.Option(None, "--quantize", rich_help_panel="8-bit weights",
-                                           help="int8 or fp8: write the experts' block linears 8-bit "
-                                                "(default: 8-bit sources are dequantized to bfloat16)."),
-    quantize_t5: Optional[str] = typer.Option(None, "--quantize-t5", rich_help_panel="8-bit weights",
-                                              help="int8 or fp8: the same for the text encoder."),
+    quantize: Optional[str] = quantize_option("int8 or fp8: write the experts' block linears 8-bit "
+                                              "(default: 8-bit sources are dequantized to bfloat16)."),
+    quantize_t5: Optional[str] = quantize_t5_option(),
 ) -> None:
     """Write any layout as the released layout, tensor by tensor (stored dtypes kept)."""
     from .io.convert import convert_checkpoint
@@ -341,16 +337,14 @@ def plan_command(
     as_json: bool = typer.Option(False, "--json", metavar="", rich_help_panel=OUTPUT, help="Print JSON instead of tables."),
     convert_model_dtype: bool = typer.Option(False, "--convert-model-dtype", metavar="", hidden=True),
     task: str = typer.Option("i2v-A14B", "--task", hidden=True),
-    weights: Optional[str] = typer.Option(None, "--weights", rich_help_panel="8-bit weights",
+    weights: Optional[str] = typer.Option(None, "--weights", rich_help_panel=QUANT_PANEL,
                                           show_default="--quantize, else the run dtype",
                                           help="int8 or fp8: the experts' block linears in 8 bits."),
-    t5_weights: Optional[str] = typer.Option(None, "--t5-weights", rich_help_panel="8-bit weights",
+    t5_weights: Optional[str] = typer.Option(None, "--t5-weights", rich_help_panel=QUANT_PANEL,
                                              show_default="--quantize-t5, else the run dtype",
                                              help="int8 or fp8: the text encoder's block linears in 8 bits."),
-    quantize: Optional[str] = typer.Option(None, "--quantize", rich_help_panel="8-bit weights",
-                                           help="As for i2v: the experts quantized at load (sets --weights)."),
-    quantize_t5: Optional[str] = typer.Option(None, "--quantize-t5", rich_help_panel="8-bit weights",
-                                              help="As for i2v (sets --t5-weights)."),
+    quantize: Optional[str] = quantize_option("As for i2v: the experts quantized at load (sets --weights)."),
+    quantize_t5: Optional[str] = quantize_t5_option("As for i2v (sets --t5-weights)."),
 ) -> None:
     """Estimate FLOP, memory per device and time for one video; needs no weights."""
     import dataclasses

@@ -74,19 +74,17 @@ def install_streaming(model: nn.Module, tensors: Iterable[Tuple[str, torch.Tenso
                       keep_float32: Iterable[str] = ()) -> nn.Module:
     """`models.loading.assign_streaming` for models with `Linear8` layers: each tensor goes to
     `device` in its final dtype (8-bit weights stay 8-bit) as it arrives."""
-    from ..models.loading import _set_tensor
+    from ..models.loading import assign_streaming
 
     keep = tuple(keep_float32)
-    for name, tensor in tensors:
+
+    def dtype_of(name: str, tensor: torch.Tensor) -> torch.dtype:
         target = _final_dtype(model, name, tensor.dtype, dtype, keep)
         if tensor.dtype != target and is_eight_bit(target):
             raise CheckpointError(f"{source}: tensor {name} is {tensor.dtype}, expected {target}")
-        _set_tensor(model, name, tensor.to(device=device, dtype=target, copy=False))
-        del tensor
-    left = [n for n, t in model.state_dict(keep_vars=True).items() if t.is_meta]
-    if left:
-        raise CheckpointError(f"{source}: {len(left)} tensor(s) never loaded, e.g. {', '.join(left[:5])}")
-    return model.eval().requires_grad_(False)
+        return target
+
+    return assign_streaming(model, tensors, device=device, dtype=dtype, source=source, dtype_of=dtype_of)
 
 
 def _to_quantize(model: nn.Module, pattern: Pattern[str], layout: QuantLayout,
