@@ -311,6 +311,14 @@ def _fusion_attention_tnd(query, key, value, head_num, atten_mask, scale, actual
 FIA_LAYOUTS = ("BSH", "BSND", "BNSD", "BNSD_BSND", "TND")
 FIA_MAX_HEAD_DIM = 512
 FIA_HEAD_DIM_MULTIPLE = 16
+# Accepted by the signature (they are in the schema) but only as None: quantized, paged,
+# shared-prefix and pse attention are not implemented by the double.
+_FIA_NOT_IMPLEMENTED = (
+    "pse_shift", "dequant_scale1", "quant_scale1", "dequant_scale2", "quant_scale2", "quant_offset2",
+    "antiquant_scale", "antiquant_offset", "block_table", "query_padding_size", "kv_padding_size",
+    "key_antiquant_scale", "key_antiquant_offset", "value_antiquant_scale", "value_antiquant_offset",
+    "key_shared_prefix", "value_shared_prefix", "actual_shared_prefix_len",
+)
 
 
 @_recorded(required_explicit=("scale", "num_heads", "input_layout"))
@@ -328,20 +336,13 @@ def npu_fused_infer_attention_score(query, key, value, *, pse_shift=None, atten_
                                     num_key_value_heads=0, sparse_mode=0, inner_precise=0,
                                     block_size=0, antiquant_mode=0, key_antiquant_mode=0,
                                     value_antiquant_mode=0, softmax_lse_flag=False):
+    arguments = dict(locals())
     op = "npu_fused_infer_attention_score"
     _require(isinstance(query, torch.Tensor) and query.dtype in HALF_DTYPES + (torch.int8,),
              f"{op}: query dtype {getattr(query, 'dtype', None)} not supported (fp16/bf16/int8 only, never fp32)")
     _require(query.dtype != torch.int8, f"{op}: int8 (quantized) attention is not implemented by the double")
     _check_qkv(op, query, key, value, HALF_DTYPES)
-    quant_or_paged = dict(pse_shift=pse_shift, dequant_scale1=dequant_scale1, quant_scale1=quant_scale1,
-                          dequant_scale2=dequant_scale2, quant_scale2=quant_scale2, quant_offset2=quant_offset2,
-                          antiquant_scale=antiquant_scale, antiquant_offset=antiquant_offset, block_table=block_table,
-                          query_padding_size=query_padding_size, kv_padding_size=kv_padding_size,
-                          key_antiquant_scale=key_antiquant_scale, key_antiquant_offset=key_antiquant_offset,
-                          value_antiquant_scale=value_antiquant_scale, value_antiquant_offset=value_antiquant_offset,
-                          key_shared_prefix=key_shared_prefix, value_shared_prefix=value_shared_prefix,
-                          actual_shared_prefix_len=actual_shared_prefix_len)
-    given = [name for name, v in quant_or_paged.items() if v is not None]
+    given = [name for name in _FIA_NOT_IMPLEMENTED if arguments[name] is not None]
     _require(not given and block_size == 0 and antiquant_mode == key_antiquant_mode == value_antiquant_mode == 0,
              f"{op}: {given or 'paged/antiquant modes'} not implemented by the double")
     _require(input_layout in FIA_LAYOUTS, f"{op}: input_layout {input_layout!r} not in {FIA_LAYOUTS}")

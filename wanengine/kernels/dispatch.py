@@ -66,6 +66,13 @@ def _torch_npu_importable() -> bool:
     return importlib.util.find_spec("torch_npu") is not None
 
 
+def _device_type(device: DeviceLike) -> str:
+    """`"npu"` for "npu:0" without `torch.device` (which only knows "npu" once torch_npu is imported)."""
+    if device is None:
+        return "cpu"
+    return device.split(":")[0] if isinstance(device, str) else device.type
+
+
 def requested_backend(name: Optional[str]) -> str:
     """The backend asked for: `name`, or for None/`auto` the environment variable if set.
 
@@ -89,7 +96,7 @@ def resolve_backend(name: Optional[str], device: DeviceLike = None) -> str:
     The torch-fused backend comes back as `cuda` on a CUDA device and `torch` elsewhere.
     """
     name = requested_backend(name)
-    device_type = torch.device(device).type if device is not None else "cpu"
+    device_type = _device_type(device)
     if name == "npu" and not _torch_npu_importable():
         raise ConfigError("kernel_backend=npu: torch_npu is not importable (install the 'npu' extra on an Ascend host)")
     if name == "auto":
