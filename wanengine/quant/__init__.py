@@ -10,6 +10,9 @@
   WanDiT / UMT5 encoder without touching the model code.
 - `loading`: streaming loads of 8-bit checkpoints and quantize-at-load of bf16/fp32 ones,
   tensor by tensor, single-process and FSDP-sharded.
+- `lora`: adapter deltas on 8-bit experts (merged into the dequantized weight, re-quantized).
+- `convert`: `wanengine convert` with 8-bit sources (dequantized) or `--quantize` (8-bit out).
+- `sizes`: bytes of 8-bit experts / text encoders for `wanengine plan --weights`.
 """
 from __future__ import annotations
 
