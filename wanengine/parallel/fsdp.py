@@ -128,17 +128,19 @@ def copy_into_shards(model: nn.Module, tensors: Iterable[Tuple[str, torch.Tensor
 def load_dit_sharded(expert_dir: Union[str, "os.PathLike[str]"], *, device: torch.device, dtype: torch.dtype,
                      mesh, prepare: Optional[Callable[[nn.Module], nn.Module]] = None,
                      config_file: Optional[Union[str, "os.PathLike[str]"]] = None,
-                     quantize: Optional[torch.dtype] = None) -> nn.Module:
+                     quantize: Optional[torch.dtype] = None, merger=None) -> nn.Module:
     """One expert, FSDP-sharded over `mesh` as it loads: meta build (8-bit block linears as
     `Linear8`, stored 8-bit or `quantize`d while streaming) -> `prepare` (e.g. the Ulysses
     patch) -> shard -> allocate the shards on `device` -> stream the checkpoint. 8-bit weights
-    and their scales are sharded by rows like any parameter, so each rank holds 1/world of them."""
+    and their scales are sharded by rows like any parameter, so each rank holds 1/world of them.
+    `merger`: adapter deltas merged into the full tensors as they stream (`quant.lora`), before
+    each rank keeps its rows."""
     from ..models.dit_loading import FLOAT32_PARAMS
     from ..quant.loading import open_expert
 
     # every check load_dit makes, from the headers; the meta model already has its final dtypes
     model, tensors, source = open_expert(expert_dir, dtype=dtype, quantize=quantize, keep_float32=FLOAT32_PARAMS,
-                                         config_file=config_file)
+                                         config_file=config_file, merger=merger)
     if prepare is not None:
         model = prepare(model)
     if fsdp2_available():
