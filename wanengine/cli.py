@@ -193,6 +193,12 @@ def plan_command(
     print(json.dumps(dataclasses.asdict(result), indent=2, default=str) if as_json else format_plan(result))
 
 
+# --------------------------------------------------------------------------- serve
+from .serve.command import serve as _serve  # noqa: E402  (its options live in wanengine/serve/command.py)
+
+app.command("serve")(handles_errors(_serve))
+
+
 # --------------------------------------------------------------------------- entry point
 _REFERENCE_BOOL_VALUES = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 

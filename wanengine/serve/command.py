@@ -1,0 +1,73 @@
+"""The `wanengine serve` command: its options (the checkpoint / engine options of `i2v`, plus
+the service's) and the call into `server.serve`. Registered on the CLI's app in `wanengine/cli.py`;
+this module imports only typer, so `wanengine --help` works without the `[serve]` extra.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+ENGINE = "Checkpoint and engine"
+PARALLEL = "Several cards (torchrun)"
+SERVICE = "Service"
+
+
+def serve(
+    ckpt_dir: Path = typer.Option(..., "--ckpt-dir", "--ckpt_dir", rich_help_panel=ENGINE,
+                                  help="Released Wan2.2-I2V-A14B checkpoint directory."),
+    device: Optional[str] = typer.Option(None, "--device", rich_help_panel=ENGINE,
+                                         help="cpu, cuda[:N], npu[:N] (default: best available)."),
+    dtype: str = typer.Option("bfloat16", "--dtype", rich_help_panel=ENGINE, help="float32, bfloat16 or float16."),
+    kernel_backend: str = typer.Option("auto", "--kernel-backend", "--kernel_backend", rich_help_panel=ENGINE,
+                                       help="auto, reference, cuda, npu."),
+    offload_model: Optional[bool] = typer.Option(None, "--offload-model/--no-offload-model", rich_help_panel=ENGINE,
+                                                 help="Keep only the active expert on the device."),
+    t5_cpu: bool = typer.Option(False, "--t5-cpu", "--t5_cpu", rich_help_panel=ENGINE,
+                                help="Run the text encoder on the CPU."),
+    vae_tile_rows: Optional[int] = typer.Option(None, "--vae-tile-rows", rich_help_panel=ENGINE,
+                                                help="Decode in exact bands of N latent rows."),
+    ulysses_size: int = typer.Option(1, "--ulysses-size", "--ulysses_size", rich_help_panel=PARALLEL,
+                                     help="Sequence-parallel degree."),
+    cfg_size: int = typer.Option(1, "--cfg-size", "--cfg_size", rich_help_panel=PARALLEL,
+                                 help="2: the guidance branches on two groups."),
+    dit_fsdp: bool = typer.Option(False, "--dit-fsdp", "--dit_fsdp", rich_help_panel=PARALLEL,
+                                  help="Shard the DiT experts (FSDP)."),
+    t5_fsdp: bool = typer.Option(False, "--t5-fsdp", "--t5_fsdp", rich_help_panel=PARALLEL,
+                                 help="Shard the text encoder (FSDP)."),
+    vae_parallel: bool = typer.Option(False, "--vae-parallel", "--vae_parallel", rich_help_panel=PARALLEL,
+                                      help="Split the VAE over the ranks."),
+    host: str = typer.Option("127.0.0.1", "--host", rich_help_panel=SERVICE,
+                             help="Address to listen on (loopback by default; 0.0.0.0 exposes the service: "
+                                  "set --api-key then)."),
+    port: int = typer.Option(8000, "--port", rich_help_panel=SERVICE, help="TCP port (0 picks a free one)."),
+    output_dir: Path = typer.Option(Path("wanengine-jobs"), "--output-dir", rich_help_panel=SERVICE,
+                                    help="Where videos and job records (JSON) are kept; a restarted service "
+                                         "lists the finished jobs found there."),
+    max_queue: int = typer.Option(8, "--max-queue", rich_help_panel=SERVICE,
+                                  help="Most jobs waiting to run; more submissions get 429."),
+    max_upload_mb: float = typer.Option(32.0, "--max-upload-mb", rich_help_panel=SERVICE,
+                                        help="Largest request body in MB, checked before anything is decoded "
+                                             "(a base64 image is 4/3 of its file size)."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="WANENGINE_API_KEY", show_default=False,
+                                          rich_help_panel=SERVICE,
+                                          help="Require 'Authorization: Bearer KEY' on every route but /healthz."),
+    job_ttl: float = typer.Option(86400.0, "--job-ttl", rich_help_panel=SERVICE,
+                                  help="Seconds a finished job (record and file) is kept; 0 keeps it forever."),
+) -> None:
+    """Serve image-to-video over HTTP (POST /v1/videos, then poll and fetch); loads the engine once.
+
+    Under torchrun, rank 0 serves and every rank runs each job. Needs FastAPI and uvicorn (the serve extra).
+    """
+    from ..config import EngineConfig
+    from .server import serve as run_server
+    from .service import ServiceSettings
+
+    cfg = EngineConfig(ckpt_dir=str(ckpt_dir), device=device, dtype=dtype, kernel_backend=kernel_backend,
+                       offload_model=offload_model, t5_cpu=t5_cpu, vae_tile_rows=vae_tile_rows,
+                       ulysses_size=ulysses_size, cfg_size=cfg_size, dit_fsdp=dit_fsdp, t5_fsdp=t5_fsdp,
+                       vae_parallel=vae_parallel, progress=False)
+    settings = ServiceSettings(output_dir=output_dir, max_queue=max_queue, max_upload_mb=max_upload_mb,
+                               job_ttl_s=job_ttl, api_key=api_key)
+    run_server(cfg, settings, host=host, port=port)
