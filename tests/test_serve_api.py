@@ -16,6 +16,7 @@ from safetensors.torch import load
 
 from _serve_helpers import TINY, Server, b64, error_of, png_bytes, rss_kib
 
+pytest.importorskip("uvicorn", reason="wanengine serve needs the [serve] extra")
 pytestmark = pytest.mark.slow
 
 KEY = "test-key-0123"

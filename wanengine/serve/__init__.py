@@ -5,8 +5,8 @@
   the CLI's own validation; every failure is a `RequestError` (HTTP status + one line).
 - `jobs`: job records, persisted as JSON beside the outputs; restart recovery and TTL removal.
 - `service`: the bounded queue, submit / cancel / delete, and the worker thread.
-- `runner`: one job on every rank: progress, cancellation at step boundaries, atomic output.
-- `ranks`: what rank 0 tells the other ranks of a torchrun job (jobs, stop decisions).
+- `ranks`: what rank 0 tells the other ranks of a torchrun job (jobs, stop decisions at every
+  step boundary, heartbeats), one generation on every rank, and the other ranks' loop.
 - `metrics`: counters and their Prometheus text.
 - `app`: the FastAPI routes; `server`: preflight, engine load, uvicorn, shutdown;
   `command`: the typer command registered as `wanengine serve`.

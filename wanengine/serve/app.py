@@ -150,8 +150,12 @@ async def parse_multipart(request: Request, body: bytes) -> Dict[str, Any]:
         yield b""
 
     try:
-        form = await MultiPartParser(request.headers, replay(), max_files=1, max_fields=32,
-                                     max_part_size=len(body) + 1).parse()
+        try:
+            parser = MultiPartParser(request.headers, replay(), max_files=1, max_fields=32,
+                                     max_part_size=len(body) + 1)
+        except TypeError:  # starlette < 0.40 has no part size limit (the body's limit still holds)
+            parser = MultiPartParser(request.headers, replay())
+        form = await parser.parse()
     except MultiPartException as exc:
         raise RequestError(400, f"body: malformed multipart form ({exc.message})") from None
     fields: Dict[str, Any] = {}

@@ -111,7 +111,7 @@ def follow(engine, channel: RankChannel) -> None:
         except GenerationCancelled:
             pass
         except Exception as exc:  # the job failed here as on rank 0; keep serving
-            say(f"job {message.job_id}: failed on rank {channel.rank}: {type(exc).__name__}: "
+            say(f"job {message.job_id} failed on rank {channel.rank}: {type(exc).__name__}: "
                 f"{(str(exc).splitlines() or [''])[0][:200]}")
 
 
