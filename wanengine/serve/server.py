@@ -109,8 +109,9 @@ def serve(cfg: EngineConfig, settings: ServiceSettings, host: str = "127.0.0.1",
             say(f"warning: --host {host} without --api-key: anyone who can reach this port can submit jobs")
     with (output_dir_lock(settings.output_dir) if writer else contextlib.nullcontext()):
         engine = load_engine(cfg)
-        say(f"engine: device {engine.device}, dtype {cfg.dtype}, kernels {engine.kernel_backend}, "
-            f"loaded in {engine.load_timer.total:.1f} s")
+        if writer:
+            say(f"engine: device {engine.device}, dtype {cfg.dtype}, kernels {engine.kernel_backend}, "
+                f"loaded in {engine.load_timer.total:.1f} s")
         if not cfg.distributed:
             return run_http(engine, settings, host, port, channel=None)
         from .ranks import RankChannel, follow
