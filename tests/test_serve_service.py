@@ -10,6 +10,7 @@ import time
 import torch
 from PIL import Image
 
+from wanengine.config import EngineConfig
 from wanengine.io.video import Video
 from wanengine.pipeline import StepInfo
 from wanengine.serve.ranks import IDLE, JOB, STOP
@@ -20,6 +21,7 @@ from wanengine.serve.submission import build_submission
 class FakeEngine:
     device = torch.device("cpu")
     kernel_backend = "reference"
+    cfg = EngineConfig(ckpt_dir="unused")
 
     def __init__(self) -> None:
         self.step_gate = threading.Event()
@@ -64,22 +66,22 @@ def test_rank_zero_announces_jobs_step_decisions_heartbeats_and_stop(tmp_path):
     channel, engine = RecordingChannel(), FakeEngine()
     service = Service(engine, ServiceSettings(output_dir=tmp_path), channel, heartbeat_s=0.02)
     service.start()
-    done = service.submit(submission(steps=3))
-    wait_until(lambda: service.get(done.id).finished)
-    assert service.get(done.id).status == "completed" and (tmp_path / f"{done.id}.safetensors").is_file()
+    done = service.submit(submission(steps=3))["id"]
+    wait_until(lambda: service.get(done).finished)
+    assert service.get(done).status == "completed" and (tmp_path / f"{done}.safetensors").is_file()
     assert channel.decisions == [False, False, False]  # one shared decision per step boundary
 
     engine.step_gate.clear()  # hold the next job inside a step
-    running = service.submit(submission(steps=50))
-    wait_until(lambda: service.get(running.id).status == "in_progress")
-    status, body = service.delete(running.id)
+    running = service.submit(submission(steps=50))["id"]
+    wait_until(lambda: service.get(running).status == "in_progress")
+    status, body = service.delete(running)
     assert status == 202 and body["cancel_requested"] is True
     engine.step_gate.set()
-    wait_until(lambda: service.get(running.id).finished)
-    job = service.get(running.id)
+    wait_until(lambda: service.get(running).finished)
+    job = service.get(running)
     assert job.status == "cancelled" and job.step == 1 and "stopped after step 1/50" in job.error
     assert channel.decisions[3:] == [True]  # the very next boundary stopped every rank
-    assert not (tmp_path / f"{running.id}.safetensors").exists()
+    assert not (tmp_path / f"{running}.safetensors").exists()
 
     wait_until(lambda: channel.messages.count(IDLE) >= 2)  # heartbeats while idle
     service.stop("test")
@@ -91,11 +93,11 @@ def test_shutdown_fails_queued_and_running_jobs_with_the_reason(tmp_path):
     service = Service(engine, ServiceSettings(output_dir=tmp_path), RecordingChannel())
     service.start()
     engine.step_gate.clear()
-    running = service.submit(submission(steps=5))
-    queued = service.submit(submission(steps=5))
-    wait_until(lambda: service.get(running.id).status == "in_progress")
+    running = service.submit(submission(steps=5))["id"]
+    queued = service.submit(submission(steps=5))["id"]
+    wait_until(lambda: service.get(running).status == "in_progress")
     threading.Timer(0.05, engine.step_gate.set).start()
     service.stop("SIGTERM")
-    assert service.get(running.id).status == "failed" and "SIGTERM" in service.get(running.id).error
-    assert service.get(queued.id).status == "failed" and "before this job started" in service.get(queued.id).error
+    assert service.get(running).status == "failed" and "SIGTERM" in service.get(running).error
+    assert service.get(queued).status == "failed" and "before this job started" in service.get(queued).error
     assert sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".json"]

@@ -85,8 +85,7 @@ def create_app(service: Service, shutdown_reason=lambda: "shutdown") -> FastAPI:
         form = await parse_multipart(request, body) if _is_multipart(content_type) else None
         submission = await run_in_threadpool(submission_from_body, body, content_type, form,
                                              settings.max_image_pixels)
-        job = service.submit(submission)
-        return JSONResponse(job.public(), status_code=202)
+        return JSONResponse(service.submit(submission), status_code=202)
 
     @app.get("/v1/videos", dependencies=auth)
     async def list_videos() -> Dict[str, Any]:

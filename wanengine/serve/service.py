@@ -84,7 +84,8 @@ class Service:
             raise RequestError(429, f"queue full: {len(self.queue)} jobs waiting (--max-queue "
                                     f"{self.settings.max_queue}); retry later")
 
-    def submit(self, submission: Submission) -> Job:
+    def submit(self, submission: Submission) -> dict:
+        """Queue a validated submission; returns the job's view as queued (429 / 503 if refused)."""
         opts = submission.opts
         settings = {**asdict(opts), "guide_scale": list(opts.guidance)}
         job = Job(id=new_job_id(), status=QUEUED, created_at=time.time(), output_format=submission.output_format,
@@ -96,7 +97,7 @@ class Service:
             self.queue.append(job.id)
             self.metrics.accepted += 1
             self.wakeup.notify_all()
-        return job
+            return job.public()
 
     def reject(self, reason: str) -> None:
         with self.lock:
@@ -153,7 +154,8 @@ class Service:
         with self.lock:
             body = {"status": "stopping" if self.stopping else "ok", "queue_depth": len(self.queue),
                     "running": self.running.id if self.running is not None else None,
-                    "device": str(self.engine.device), "kernel_backend": getattr(self.engine, "kernel_backend", None)}
+                    "device": str(self.engine.device), "kernel_backend": getattr(self.engine, "kernel_backend", None),
+                    "world_size": self.engine.cfg.world_size}
         return (503 if self.stopping else 200), body
 
     def metrics_text(self) -> str:
