@@ -9,34 +9,38 @@ from typing import Optional
 
 import typer
 
-ENGINE = "Checkpoint and engine"
-PARALLEL = "Several cards (torchrun)"
+# The i2v command's panel names for the options it shares; the service's own panel.
+INPUTS = "Inputs"
+PERFORMANCE = "Performance / memory"
+PARALLEL = "Parallel (torchrun)"
 SERVICE = "Service"
 
 
 def serve(
-    ckpt_dir: Path = typer.Option(..., "--ckpt-dir", "--ckpt_dir", rich_help_panel=ENGINE,
+    ckpt_dir: Path = typer.Option(..., "--ckpt-dir", rich_help_panel=INPUTS,
                                   help="Released Wan2.2-I2V-A14B checkpoint directory."),
-    device: Optional[str] = typer.Option(None, "--device", rich_help_panel=ENGINE,
-                                         help="cpu, cuda[:N], npu[:N] (default: best available)."),
-    dtype: str = typer.Option("bfloat16", "--dtype", rich_help_panel=ENGINE, help="float32, bfloat16 or float16."),
-    kernel_backend: str = typer.Option("auto", "--kernel-backend", "--kernel_backend", rich_help_panel=ENGINE,
-                                       help="auto, reference, cuda, npu."),
-    offload_model: Optional[bool] = typer.Option(None, "--offload-model/--no-offload-model", rich_help_panel=ENGINE,
+    device: Optional[str] = typer.Option(None, "--device", rich_help_panel=PERFORMANCE, show_default="npu > cuda > cpu",
+                                         help="cpu, cuda[:N] or npu[:N]."),
+    dtype: str = typer.Option("bfloat16", "--dtype", rich_help_panel=PERFORMANCE,
+                              help="float32, bfloat16 or float16 (DiT and T5)."),
+    kernel_backend: str = typer.Option("auto", "--kernel-backend", rich_help_panel=PERFORMANCE,
+                                       help="auto, reference, cuda or npu."),
+    offload_model: Optional[bool] = typer.Option(None, "--offload-model/--no-offload-model", metavar="",
+                                                 rich_help_panel=PERFORMANCE,
+                                                 show_default="on for an accelerator, off on CPU",
                                                  help="Keep only the active expert on the device."),
-    t5_cpu: bool = typer.Option(False, "--t5-cpu", "--t5_cpu", rich_help_panel=ENGINE,
+    t5_cpu: bool = typer.Option(False, "--t5-cpu", metavar="", rich_help_panel=PERFORMANCE,
                                 help="Run the text encoder on the CPU."),
-    vae_tile_rows: Optional[int] = typer.Option(None, "--vae-tile-rows", rich_help_panel=ENGINE,
-                                                help="Decode in exact bands of N latent rows."),
-    ulysses_size: int = typer.Option(1, "--ulysses-size", "--ulysses_size", rich_help_panel=PARALLEL,
-                                     help="Sequence-parallel degree."),
-    cfg_size: int = typer.Option(1, "--cfg-size", "--cfg_size", rich_help_panel=PARALLEL,
-                                 help="2: the guidance branches on two groups."),
-    dit_fsdp: bool = typer.Option(False, "--dit-fsdp", "--dit_fsdp", rich_help_panel=PARALLEL,
+    vae_tile_rows: Optional[int] = typer.Option(None, "--vae-tile-rows", rich_help_panel=PERFORMANCE,
+                                                show_default="untiled", help="Decode in exact bands of N latent rows."),
+    ulysses_size: int = typer.Option(1, "--ulysses-size", rich_help_panel=PARALLEL, help="Sequence-parallel degree."),
+    cfg_size: int = typer.Option(1, "--cfg-size", rich_help_panel=PARALLEL,
+                                 help="2: the guidance branches on two groups of cards."),
+    dit_fsdp: bool = typer.Option(False, "--dit-fsdp", metavar="", rich_help_panel=PARALLEL,
                                   help="Shard the DiT experts (FSDP)."),
-    t5_fsdp: bool = typer.Option(False, "--t5-fsdp", "--t5_fsdp", rich_help_panel=PARALLEL,
+    t5_fsdp: bool = typer.Option(False, "--t5-fsdp", metavar="", rich_help_panel=PARALLEL,
                                  help="Shard the text encoder (FSDP)."),
-    vae_parallel: bool = typer.Option(False, "--vae-parallel", "--vae_parallel", rich_help_panel=PARALLEL,
+    vae_parallel: bool = typer.Option(False, "--vae-parallel", metavar="", rich_help_panel=PARALLEL,
                                       help="Split the VAE over the ranks."),
     host: str = typer.Option("127.0.0.1", "--host", rich_help_panel=SERVICE,
                              help="Address to listen on (loopback by default; 0.0.0.0 exposes the service: "
@@ -60,6 +64,7 @@ def serve(
 
     Under torchrun, rank 0 serves and every rank runs each job. Needs FastAPI and uvicorn (the serve extra).
     """
+    from ..cli import say  # honours --quiet / --verbose
     from ..config import EngineConfig
     from .server import serve as run_server
     from .service import ServiceSettings
@@ -70,4 +75,4 @@ def serve(
                        vae_parallel=vae_parallel, progress=False)
     settings = ServiceSettings(output_dir=output_dir, max_queue=max_queue, max_upload_mb=max_upload_mb,
                                job_ttl_s=job_ttl, api_key=api_key)
-    run_server(cfg, settings, host=host, port=port)
+    run_server(cfg, settings, host=host, port=port, say=say)
