@@ -1,19 +1,18 @@
 """Nothing lost across restarts (real `wanengine serve` subprocesses on one output directory):
 a job running at SIGTERM is marked failed with the reason and leaves no file; a restarted
 service lists the finished job and serves its file; a record a killed service left
-`in_progress` becomes failed; a second service on the same directory is refused; `--job-ttl`
-removes finished jobs and their files."""
+`in_progress` becomes failed; a second service on the same directory is refused. (`--job-ttl`
+is tested on the service itself, `test_serve_service.py`.)"""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from _serve_helpers import TINY, Server, png_bytes
+from wanengine import cli
+from wanengine.serve import server as server_module
 
 pytest.importorskip("uvicorn", reason="wanengine serve needs the [serve] extra")
 pytestmark = pytest.mark.slow
@@ -24,7 +23,7 @@ def start(golden_ckpt: Path, out_dir: Path, *extra: str) -> Server:
                    "--output-dir", str(out_dir), *extra]).start()
 
 
-def test_restart_keeps_finished_jobs_and_fails_interrupted_ones(golden_ckpt, tmp_path):
+def test_restart_keeps_finished_jobs_and_fails_interrupted_ones(golden_ckpt, tmp_path, monkeypatch, capsys):
     out_dir, image = tmp_path / "jobs", png_bytes()
     first = start(golden_ckpt, out_dir)
     try:
@@ -57,20 +56,11 @@ def test_restart_keeps_finished_jobs_and_fails_interrupted_ones(golden_ckpt, tmp
         assert listed[killed["id"]]["status"] == "failed" and "found at restart" in listed[killed["id"]]["error"]
 
         # one service per output directory, refused before any weight is read
-        other = subprocess.run([sys.executable, "-m", "wanengine.cli", "serve", "--ckpt-dir", str(golden_ckpt),
-                                "--device", "cpu", "--port", "0", "--output-dir", str(out_dir)],
-                               capture_output=True, text=True, timeout=120)
-        assert other.returncode == 2 and "in use by another wanengine serve" in other.stderr
-        assert len(other.stderr.strip().splitlines()) == 1
+        monkeypatch.setattr(server_module, "load_engine", lambda cfg: pytest.fail("the engine was loaded"))
+        with pytest.raises(SystemExit) as refused:
+            cli.main(["serve", "--ckpt-dir", str(golden_ckpt), "--port", "0", "--output-dir", str(out_dir)])
+        err = capsys.readouterr().err
+        assert refused.value.code == 2 and "in use by another wanengine serve" in err
+        assert len(err.strip().splitlines()) == 1
     finally:
         assert second.stop() == 0
-
-    third = start(golden_ckpt, out_dir, "--job-ttl", "1")
-    try:
-        deadline = time.monotonic() + 30
-        while remaining := third.jobs():
-            assert time.monotonic() < deadline, remaining
-            time.sleep(0.1)
-    finally:
-        assert third.stop() == 0
-    assert [p.name for p in out_dir.iterdir()] == [".wanengine-serve.lock"]

@@ -1,7 +1,7 @@
 """The service's worker without HTTP or weights: a fake engine and a recording rank channel show
 what rank 0 tells the other ranks -- the job, a stop decision at every step boundary (true from
 the step after a cancel), heartbeats while idle, `stop` at shutdown -- and that a cancelled job
-writes nothing."""
+writes nothing; finished jobs expire after the TTL."""
 from __future__ import annotations
 
 import threading
@@ -101,3 +101,12 @@ def test_shutdown_fails_queued_and_running_jobs_with_the_reason(tmp_path):
     assert service.get(running).status == "failed" and "SIGTERM" in service.get(running).error
     assert service.get(queued).status == "failed" and "before this job started" in service.get(queued).error
     assert sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".json"]
+
+
+def test_job_ttl_removes_finished_jobs_and_their_files(tmp_path):
+    service = Service(FakeEngine(), ServiceSettings(output_dir=tmp_path, job_ttl_s=0.3), RecordingChannel())
+    service.start()
+    done = service.submit(submission(steps=1))["id"]
+    wait_until(lambda: service.get(done) is None)  # removed by the sweeper within the TTL + its interval
+    service.stop("test")
+    assert list(tmp_path.iterdir()) == []
