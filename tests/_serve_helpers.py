@@ -41,6 +41,8 @@ def b64(data: bytes) -> str:
 
 # A job that finishes in a fraction of a second on the golden checkpoint: 32x16, one frame.
 TINY = {"prompt": "a tiny clip", "max_area": 1024, "frame_num": 1, "sample_steps": 1, "seed": 5}
+# A job that runs until it is cancelled: 1000 steps (the most the validation allows) of 128x96.
+LONG = {**TINY, "max_area": 12288, "sample_steps": 1000}
 
 
 class Server:

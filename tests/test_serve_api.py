@@ -14,14 +14,13 @@ import pytest
 import torch
 from safetensors.torch import load
 
-from _serve_helpers import TINY, Server, b64, error_of, png_bytes, rss_kib
+from _serve_helpers import LONG, TINY, Server, b64, error_of, png_bytes, rss_kib
 
 pytest.importorskip("uvicorn", reason="wanengine serve needs the [serve] extra")
 pytestmark = pytest.mark.slow
 
 KEY = "test-key-0123"
 MAX_QUEUE = 8
-LONG = {**TINY, "sample_steps": 2000}  # runs until cancelled (UniPC precomputes ~0.5 ms per step)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from safetensors.torch import load
 
 from _parallel_worker import free_port
-from _serve_helpers import TINY, Server, png_bytes
+from _serve_helpers import LONG, TINY, Server, png_bytes
 from helpers import rel_err
 from test_parallel_e2e import LATENT_REL, VIDEO_MAX_ABS, torchrun_command
 from test_serve_api import golden_request
@@ -45,13 +45,13 @@ def test_two_rank_service_matches_single_process_and_stops_ranks_together(golden
 
         nan = server.submit({**TINY, "sample_steps": 2, "guide_scale": 1e38}, image).json()["id"]
         assert "non-finite" in server.wait(nan)["error"]
-        cancelled = server.submit({**TINY, "sample_steps": 2000}, image).json()["id"]
+        cancelled = server.submit(LONG, image).json()["id"]
         server.wait(cancelled, ("in_progress",), min_step=2)
         assert server.request("DELETE", f"/v1/videos/{cancelled}").status_code == 202
         assert server.wait(cancelled)["status"] == "cancelled"
         after = server.submit(TINY, image).json()["id"]
         assert server.wait(after)["status"] == "completed"  # the service kept serving
-        running = server.submit({**TINY, "sample_steps": 2000}, image).json()["id"]
+        running = server.submit(LONG, image).json()["id"]
         server.wait(running, ("in_progress",), min_step=2)
     finally:
         server.stop()  # SIGTERM to torchrun, which forwards it to both ranks

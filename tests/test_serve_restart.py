@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from _serve_helpers import TINY, Server, png_bytes
+from _serve_helpers import LONG, TINY, Server, png_bytes
 from wanengine import cli
 from wanengine.serve import server as server_module
 
@@ -30,7 +30,7 @@ def test_restart_keeps_finished_jobs_and_fails_interrupted_ones(golden_ckpt, tmp
         done = first.submit({**TINY, "output_format": "safetensors"}, image).json()["id"]
         assert first.wait(done)["status"] == "completed"
         content = first.request("GET", f"/v1/videos/{done}/content").content
-        running = first.submit({**TINY, "sample_steps": 2000}, image).json()["id"]
+        running = first.submit(LONG, image).json()["id"]
         first.wait(running, ("in_progress",), min_step=1)
         queued = first.submit(TINY, image).json()["id"]
     finally:
