@@ -39,6 +39,15 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
+def golden_request(golden: Path) -> dict:
+    """The golden case (`meta.json` -> `i2v`) as request fields, safetensors output."""
+    meta = json.loads((golden / "meta.json").read_text())["i2v"]
+    return {"prompt": meta["prompt"], "negative_prompt": meta["n_prompt"] or None, "max_area": meta["max_area"],
+            "frame_num": meta["frame_num"], "sample_steps": meta["steps"], "sample_shift": meta["shift"],
+            "sample_solver": meta["solver"], "guide_scale": meta["guide_scale"], "seed": meta["seed"],
+            "output_format": "safetensors"}
+
+
 # A job that finishes in a fraction of a second on the golden checkpoint: 32x16, one frame.
 TINY = {"prompt": "a tiny clip", "max_area": 1024, "frame_num": 1, "sample_steps": 1, "seed": 5}
 # A job that runs until it is cancelled: 1000 steps (the most the validation allows) of 128x96.

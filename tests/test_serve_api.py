@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load
 
-from _serve_helpers import LONG, TINY, Server, b64, error_of, png_bytes, rss_kib
+from _serve_helpers import LONG, TINY, Server, b64, error_of, golden_request, png_bytes, rss_kib
 
 pytest.importorskip("uvicorn", reason="wanengine serve needs the [serve] extra")
 pytestmark = pytest.mark.slow
@@ -42,14 +42,6 @@ def server(golden_ckpt, out_dir):
 @pytest.fixture(scope="module")
 def image() -> bytes:
     return png_bytes()
-
-
-def golden_request(golden: Path) -> dict:
-    meta = json.loads((golden / "meta.json").read_text())["i2v"]
-    return {"prompt": meta["prompt"], "negative_prompt": meta["n_prompt"] or None, "max_area": meta["max_area"],
-            "frame_num": meta["frame_num"], "sample_steps": meta["steps"], "sample_shift": meta["shift"],
-            "sample_solver": meta["solver"], "guide_scale": meta["guide_scale"], "seed": meta["seed"],
-            "output_format": "safetensors"}
 
 
 def test_golden_case_over_http_equals_the_library(server, golden, golden_ckpt, out_dir):

@@ -6,17 +6,15 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 import torch.distributed as dist
 from safetensors.torch import load
 
 from _parallel_worker import free_port
-from _serve_helpers import LONG, TINY, Server, png_bytes
+from _serve_helpers import LONG, TINY, Server, golden_request, png_bytes
 from helpers import rel_err
 from test_parallel_e2e import LATENT_REL, VIDEO_MAX_ABS, torchrun_command
-from test_serve_api import golden_request
 
 pytest.importorskip("uvicorn", reason="wanengine serve needs the [serve] extra")
 pytestmark = [pytest.mark.slow,

@@ -204,6 +204,7 @@ class Service:
             return job
 
     def _work(self) -> None:
+        bind_thread_to(self.engine.device)
         while True:
             item = self._next()
             if item == STOP:
@@ -261,3 +262,16 @@ class Service:
         while not self._sweeper_stop.wait(interval):
             with self.lock:
                 self.store.sweep(ttl)
+
+
+def bind_thread_to(device) -> None:
+    """The current CUDA / NPU device is per thread: make the worker thread's the engine's, so
+    allocations, synchronisations and collectives without an explicit device land there."""
+    import torch
+
+    if device.index is None:
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    elif device.type == "npu":
+        torch.npu.set_device(device)  # type: ignore[attr-defined]
