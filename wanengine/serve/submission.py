@@ -41,8 +41,20 @@ OPTION_FIELDS: Dict[str, tuple] = {
     "guide_scale": ("guide_scale", (int, float, str, list), str),
     "seed": ("seed", (int,), int),
 }
-FIELDS = ("image", "output_format", *OPTION_FIELDS)
 REQUIRED = ("prompt", "image")
+
+
+def passthrough_fields() -> tuple:
+    """`GenerationOptions` fields without an entry above (options added by other features, e.g.
+    Euler's `denoising_steps`): accepted under their own names, checked by the options' own
+    validation, multipart strings passed as they are."""
+    from dataclasses import fields as dataclass_fields
+
+    mapped = {target for target, _, _ in OPTION_FIELDS.values()}
+    return tuple(f.name for f in dataclass_fields(GenerationOptions) if f.name not in mapped)
+
+
+FIELDS = ("image", "output_format", *OPTION_FIELDS, *passthrough_fields())
 
 # CLI flag -> request field, for the validation's messages
 FIELD_FOR_FLAG = {"--sample-steps": "sample_steps", "--sample-shift": "sample_shift",
@@ -171,6 +183,7 @@ def build_submission(fields: Mapping[str, Any], *, from_form: bool = False,
     check_fields(fields)
     kwargs = {OPTION_FIELDS[name][0]: _typed(name, value, from_form)
               for name, value in fields.items() if name in OPTION_FIELDS and value is not None}
+    kwargs.update({name: value for name, value in fields.items() if name in passthrough_fields() and value is not None})
     if isinstance(kwargs.get("guide_scale"), list):
         kwargs["guide_scale"] = tuple(kwargs["guide_scale"])
     output_format = fields.get("output_format") or "mp4"
@@ -182,6 +195,8 @@ def build_submission(fields: Mapping[str, Any], *, from_form: bool = False,
         opts = GenerationOptions(**kwargs).validate()
     except UserInputError as exc:
         raise RequestError(422, field_message(str(exc))) from None
+    except (TypeError, ValueError) as exc:  # a passthrough field of a type its validation did not expect
+        raise RequestError(422, f"options: {type(exc).__name__}: {str(exc)[:150]}") from None
     image = decode(fields["image"])
     try:
         _, lat_h, lat_w = latent_grid(image.height, image.width, opts.resolved_max_area, opts.frame_num)
