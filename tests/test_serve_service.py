@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
 import torch
 from PIL import Image
 
@@ -15,7 +16,7 @@ from wanengine.io.video import Video
 from wanengine.pipeline import StepInfo
 from wanengine.serve.ranks import IDLE, JOB, STOP
 from wanengine.serve.service import Service, ServiceSettings
-from wanengine.serve.submission import build_submission
+from wanengine.serve.submission import RequestError, build_submission
 
 
 class FakeEngine:
@@ -110,3 +111,22 @@ def test_job_ttl_removes_finished_jobs_and_their_files(tmp_path):
     wait_until(lambda: service.get(done) is None)  # removed by the sweeper within the TTL + its interval
     service.stop("test")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_worker_that_cannot_go_on_fails_its_jobs_and_says_so(tmp_path):
+    class DeadChannel(RecordingChannel):
+        def announce(self, message) -> None:  # as when another rank has died mid-collective
+            if message.kind == JOB:
+                raise RuntimeError("gloo: connection closed by peer")
+
+    service = Service(FakeEngine(), ServiceSettings(output_dir=tmp_path), DeadChannel())
+    service.start()
+    job = service.submit(submission(steps=1))["id"]
+    wait_until(lambda: service.get(job).finished)
+    assert service.get(job).status == "failed" and "connection closed by peer" in service.get(job).error
+    status, body = service.health()
+    assert status == 503 and body["status"] == "broken" and "connection closed" in body["error"]
+    with pytest.raises(RequestError) as refused:
+        service.submit(submission(steps=1))
+    assert refused.value.status == 503
+    service.stop("test")

@@ -9,6 +9,7 @@ half-written file or an unlisted one.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import deque
@@ -57,6 +58,7 @@ class Service:
         self.running: Optional[Job] = None
         self.stopping = False
         self.stop_reason = ""
+        self.broken: Optional[str] = None  # why the worker stopped, if it did
         with self.lock:
             recovered = self.store.load()
             self.store.sweep(settings.job_ttl_s)
@@ -79,6 +81,8 @@ class Service:
     def _check_capacity_locked(self) -> None:
         if self.stopping:
             raise RequestError(503, "the service is shutting down; no new jobs")
+        if self.broken is not None:
+            raise RequestError(503, f"the service cannot run jobs: {self.broken}")
         if len(self.queue) >= self.settings.max_queue:
             self.metrics.rejected["queue_full"] += 1
             raise RequestError(429, f"queue full: {len(self.queue)} jobs waiting (--max-queue "
@@ -152,11 +156,12 @@ class Service:
 
     def health(self) -> Tuple[int, dict]:
         with self.lock:
-            body = {"status": "stopping" if self.stopping else "ok", "queue_depth": len(self.queue),
+            state = "stopping" if self.stopping else ("broken" if self.broken else "ok")
+            body = {"status": state, "error": self.broken, "queue_depth": len(self.queue),
                     "running": self.running.id if self.running is not None else None,
                     "device": str(self.engine.device), "kernel_backend": getattr(self.engine, "kernel_backend", None),
                     "world_size": self.engine.cfg.world_size}
-        return (503 if self.stopping else 200), body
+        return (200 if state == "ok" else 503), body
 
     def metrics_text(self) -> str:
         with self.lock:
@@ -189,34 +194,51 @@ class Service:
                 self.store.save(job)
 
     # ------------------------------------------------------------------ the worker
-    def _next(self):
+    def _next(self) -> Tuple[str, Optional[Job]]:
+        """(STOP, None), (IDLE, None) after a heartbeat interval without work, or (JOB, job)."""
         with self.lock:
             if not self.queue and not self.stopping:
                 self.wakeup.wait(timeout=self.heartbeat_s)
             if self.stopping:
-                return STOP
+                return STOP, None
             if not self.queue:
-                return IDLE
+                return IDLE, None
             job = self.store.get(self.queue.popleft())
             job.status, job.started_at, job.stage = IN_PROGRESS, time.time(), "encode"
             self.running = job
-            self.store.save(job)
-            return job
+            return JOB, job
 
     def _work(self) -> None:
         bind_thread_to(self.engine.device)
-        while True:
-            item = self._next()
-            if item == STOP:
-                self.channel.announce(RankMessage(STOP))
-                return
-            if item == IDLE:
-                self.channel.announce(RankMessage(IDLE))  # a heartbeat for the waiting ranks
-                continue
-            self._run(item)
+        try:
+            while True:
+                kind, job = self._next()
+                if kind == STOP:
+                    self.channel.announce(RankMessage(STOP))
+                    return
+                if kind == IDLE:
+                    self.channel.announce(RankMessage(IDLE))  # a heartbeat for the waiting ranks
+                    continue
+                self._run(job)
+        except Exception as exc:  # e.g. a collective failed because another rank died: nothing can run now
+            reason = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
+            say(f"the worker stopped: {reason}")
+            with self.lock:
+                self.broken = reason
+                stranded = [self.running] if self.running is not None else []
+                stranded += [self.store.get(job_id) for job_id in self.queue]
+                self.queue.clear()
+                self.running = None
+                for job in stranded:
+                    if not job.finished:
+                        job.finish(FAILED, f"the service's worker stopped: {reason}")
+                        with contextlib.suppress(OSError):
+                            self.store.save(job)
 
     def _run(self, job: Job) -> None:
         opts, image = job.opts, job.image
+        with self.lock:
+            self.store.save(job)  # in_progress on disk: a crash from here on is found at restart
         self.channel.announce(RankMessage(JOB, job.id, opts, image))
 
         def on_step(info) -> None:
@@ -250,7 +272,10 @@ class Service:
             self.running = None
             if job.status == COMPLETED:
                 self.metrics.job_finished(job.timings_s, job.steps, job.completed_at - job.started_at)
-            self.store.save(job)
+            try:
+                self.store.save(job)
+            except OSError as exc:  # e.g. a full disk: the job stays listed in memory, the worker goes on
+                say(f"job {job.id}: its record could not be saved: {exc}")
         if job.status == FAILED:
             say(f"job {job.id} failed: {job.error}")
 
