@@ -98,8 +98,10 @@ def generate_on_every_rank(engine, channel, opts, image, job_id: str, *, wants_s
 def follow(engine, channel: RankChannel) -> None:
     """The loop of ranks > 0: run every job rank 0 announces until it says stop. A job's
     failure ends that job only (rank 0 sees the same failure at the same step)."""
-    # torchrun forwards SIGTERM to every rank: these ranks follow rank 0's stop decision instead
-    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    # torchrun forwards SIGTERM (a terminal's Ctrl-C reaches every rank too): these ranks follow
+    # rank 0's stop decision instead, so no collective is left half-paired
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: None)
     while True:
         message = channel.receive()
         if message.kind == STOP:
