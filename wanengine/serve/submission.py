@@ -1,8 +1,8 @@
 """A `POST /v1/videos` body -> a validated `Submission`, or a `RequestError` with its HTTP status.
 
 The options go through the CLI's own validation (`GenerationOptions.validate`, `latent_grid`,
-`open_image`); its one-line messages name CLI flags, which are rewritten to the request's field
-names (`--frame-num` -> `frame_num`). Statuses: 400 a malformed body (not JSON / multipart,
+`open_image`); its one-line messages name CLI flags, and the request's fields are named after
+them, so `--frame-num` becomes `frame_num`. Statuses: 400 a malformed body (not JSON / multipart,
 unknown or missing field, an image that is not base64 or not an image, a path or URL instead
 of an image), 422 a well-formed value the validation refuses, 413 a body over the upload
 limit or an image over the pixel limit (checked from the header, before decoding).
@@ -56,10 +56,6 @@ def passthrough_fields() -> tuple:
 
 FIELDS = ("image", "output_format", *OPTION_FIELDS, *passthrough_fields())
 
-# CLI flag -> request field, for the validation's messages
-FIELD_FOR_FLAG = {"--sample-steps": "sample_steps", "--sample-shift": "sample_shift",
-                  "--sample-solver": "sample_solver", "--guide-scale": "guide_scale"}
-
 
 class RequestError(Exception):
     """A refused request: `status` (4xx) and a one-line `message`."""
@@ -85,8 +81,7 @@ def field_message(message: str) -> str:
     """The CLI's message with its flags spelled as request fields: `prompt (--prompt): x` ->
     `prompt: x`, `--frame-num: x` -> `frame_num: x`."""
     message = re.sub(r"\b(\w+) \(--[a-z0-9-]+\)", r"\1", message)
-    return re.sub(r"--([a-z][a-z0-9-]*)",
-                  lambda m: FIELD_FOR_FLAG.get(m.group(0), m.group(1).replace("-", "_")), message)
+    return re.sub(r"--([a-z][a-z0-9-]*)", lambda m: m.group(1).replace("-", "_"), message)
 
 
 def parse_json_body(body: bytes) -> Dict[str, Any]:
