@@ -137,6 +137,8 @@ BAD_JSON = [  # (fields, status, what the one-line error must name)
     ({"sample_solver": "euler-a"}, 422, "sample_solver: unknown solver"),
     ({"guide_scale": [1, 2, 3]}, 422, "guide_scale: give one value or LOW,HIGH"),
     ({"guide_scale": "abc"}, 422, "guide_scale: 'abc' is not a number"),
+    ({"guide_scale": float("inf")}, 422, "guide_scale: guidance must be finite"),
+    ({"sample_shift": float("nan")}, 422, "sample_shift: must be a positive number"),
     ({"size": "big"}, 422, "size: 'big' is not of the form W*H"),
     ({"max_area": 0}, 422, "max_area: must be positive"),
     ({"max_area": 100}, 422, "max_area: 100 is too small"),
@@ -154,7 +156,8 @@ def test_bad_requests_are_refused_with_one_line_and_no_job(server, image, out_di
     files_before = sorted(p.name for p in out_dir.iterdir())
     jobs_before = server.jobs()
     for fields, status, message in BAD_JSON:
-        response = server.submit({**TINY, **fields}, image)
+        body = json.dumps({**TINY, **fields, "image": b64(image)})  # Python's JSON: Infinity / NaN too
+        response = server.request("POST", "/v1/videos", content=body, headers={"content-type": "application/json"})
         assert response.status_code == status, (fields, response.text)
         assert message in error_of(response), (fields, response.text)
 
