@@ -11,7 +11,8 @@ from wanengine.serve import server
 
 OPTIONS = ["--ckpt-dir", "--device", "--dtype", "--kernel-backend", "--offload-model", "--t5-cpu", "--vae-tile-rows",
            "--ulysses-size", "--cfg-size", "--dit-fsdp", "--t5-fsdp", "--vae-parallel", "--host", "--port",
-           "--output-dir", "--max-queue", "--max-upload-mb", "--api-key", "--job-ttl"]
+           "--output-dir", "--max-queue", "--max-upload-mb", "--api-key", "--job-ttl", "--high-noise-model",
+           "--low-noise-model", "--t5", "--vae", "--tokenizer", "--dit-config"]
 
 
 def run(argv, capsys) -> tuple:

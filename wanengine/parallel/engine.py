@@ -79,7 +79,8 @@ class ParallelEngine(Engine):
         if not self.cfg.dit_fsdp:
             return {name: self._ulysses(expert) for name, expert in super().load_experts().items()}
         return {name: load_dit_sharded(self.layout.expert(name), device=self.device, dtype=self.dtype,
-                                       mesh=self._mesh, prepare=self._ulysses) for name in EXPERTS}
+                                       mesh=self._mesh, prepare=self._ulysses, config_file=self.layout.dit_config)
+                for name in EXPERTS}
 
     # ------------------------------------------------------------------ stages
     def encode_text(self, prompts):

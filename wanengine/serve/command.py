@@ -9,6 +9,9 @@ from typing import Optional
 
 import typer
 
+from ..cli_weights import (ckpt_dir_option, dit_config_option, high_noise_option, low_noise_option, t5_option,
+                           tokenizer_option, vae_option, weight_sources)
+
 # The i2v command's panel names for the options it shares; the service's own panel.
 INPUTS = "Inputs"
 PERFORMANCE = "Performance / memory"
@@ -17,8 +20,7 @@ SERVICE = "Service"
 
 
 def serve(
-    ckpt_dir: Path = typer.Option(..., "--ckpt-dir", rich_help_panel=INPUTS,
-                                  help="Released Wan2.2-I2V-A14B checkpoint directory."),
+    ckpt_dir: Optional[Path] = ckpt_dir_option(INPUTS),
     device: Optional[str] = typer.Option(None, "--device", rich_help_panel=PERFORMANCE, show_default="npu > cuda > cpu",
                                          help="cpu, cuda[:N] or npu[:N]."),
     dtype: str = typer.Option("bfloat16", "--dtype", rich_help_panel=PERFORMANCE,
@@ -60,6 +62,12 @@ def serve(
                                           help="Require 'Authorization: Bearer KEY' on every route but /healthz."),
     job_ttl: float = typer.Option(86400.0, "--job-ttl", rich_help_panel=SERVICE,
                                   help="Seconds a finished job (record and file) is kept; 0 keeps it forever."),
+    high_noise_model: Optional[Path] = high_noise_option(),
+    low_noise_model: Optional[Path] = low_noise_option(),
+    t5: Optional[Path] = t5_option(),
+    vae: Optional[Path] = vae_option(),
+    tokenizer: Optional[Path] = tokenizer_option(),
+    dit_config: Optional[Path] = dit_config_option(),
 ) -> None:
     """Serve image-to-video over HTTP (POST /v1/videos, then poll and fetch); loads the engine once.
 
@@ -70,7 +78,8 @@ def serve(
     from .server import serve as run_server
     from .service import ServiceSettings
 
-    cfg = EngineConfig(ckpt_dir=str(ckpt_dir), device=device, dtype=dtype, kernel_backend=kernel_backend,
+    sources = weight_sources(ckpt_dir, high_noise_model, low_noise_model, t5, vae, tokenizer, dit_config)
+    cfg = EngineConfig(**sources, device=device, dtype=dtype, kernel_backend=kernel_backend,
                        offload_model=offload_model, t5_cpu=t5_cpu, vae_tile_rows=vae_tile_rows,
                        ulysses_size=ulysses_size, cfg_size=cfg_size, dit_fsdp=dit_fsdp, t5_fsdp=t5_fsdp,
                        vae_parallel=vae_parallel, progress=False)

@@ -33,12 +33,11 @@ def check_serve_extra() -> None:
 def preflight_engine(cfg: EngineConfig) -> None:
     """The CLI's engine checks: options, checkpoint layout, parallel layout; no weights read."""
     from ..io.checkpoint import EXPERTS, preflight_checkpoint
-    from ..models.dit import DiTConfig
     from ..run import check_parallel_layout
 
     cfg.validate()
-    layout = preflight_checkpoint(cfg.ckpt_dir)
-    check_parallel_layout(cfg, DiTConfig.from_json(layout.expert(EXPERTS[0]) / "config.json").num_heads)
+    layout = preflight_checkpoint(cfg.ckpt_dir, cfg.component_overrides(), cfg.dit_config)
+    check_parallel_layout(cfg, layout.dit_configs[EXPERTS[0]].num_heads)
 
 
 def check_settings(settings: ServiceSettings, host: str, port: int) -> None:
