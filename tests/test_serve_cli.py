@@ -12,7 +12,7 @@ from wanengine.serve import server
 OPTIONS = ["--ckpt-dir", "--device", "--dtype", "--kernel-backend", "--offload-model", "--t5-cpu", "--vae-tile-rows",
            "--ulysses-size", "--cfg-size", "--dit-fsdp", "--t5-fsdp", "--vae-parallel", "--host", "--port",
            "--output-dir", "--max-queue", "--max-upload-mb", "--api-key", "--job-ttl", "--high-noise-model",
-           "--low-noise-model", "--t5", "--vae", "--tokenizer", "--dit-config"]
+           "--low-noise-model", "--t5", "--vae", "--tokenizer", "--dit-config", "--quantize", "--quantize-t5"]
 
 
 def run(argv, capsys) -> tuple:

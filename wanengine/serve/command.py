@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 
+from ..cli_quant import quantize_option, quantize_t5_option
 from ..cli_weights import (ckpt_dir_option, dit_config_option, high_noise_option, low_noise_option, t5_option,
                            tokenizer_option, vae_option, weight_sources)
 
@@ -68,6 +69,8 @@ def serve(
     vae: Optional[Path] = vae_option(),
     tokenizer: Optional[Path] = tokenizer_option(),
     dit_config: Optional[Path] = dit_config_option(),
+    quantize: Optional[str] = quantize_option(),
+    quantize_t5: Optional[str] = quantize_t5_option(),
 ) -> None:
     """Serve image-to-video over HTTP (POST /v1/videos, then poll and fetch); loads the engine once.
 
@@ -82,7 +85,7 @@ def serve(
     cfg = EngineConfig(**sources, device=device, dtype=dtype, kernel_backend=kernel_backend,
                        offload_model=offload_model, t5_cpu=t5_cpu, vae_tile_rows=vae_tile_rows,
                        ulysses_size=ulysses_size, cfg_size=cfg_size, dit_fsdp=dit_fsdp, t5_fsdp=t5_fsdp,
-                       vae_parallel=vae_parallel, progress=False)
+                       vae_parallel=vae_parallel, progress=False, quantize=quantize, quantize_t5=quantize_t5)
     settings = ServiceSettings(output_dir=output_dir, max_queue=max_queue, max_upload_mb=max_upload_mb,
                                job_ttl_s=job_ttl, api_key=api_key)
     run_server(cfg, settings, host=host, port=port, say=say)
