@@ -26,11 +26,32 @@ import typer  # noqa: E402
 
 from . import __version__  # noqa: E402
 from .cli_argv import UsageError  # noqa: E402
+from .cli_quant import PANEL as QUANT_PANEL, quantize_option, quantize_t5_option  # noqa: E402
 from .cli_weights import (ckpt_dir_option, dit_config_option, high_noise_option, low_noise_option,  # noqa: E402
                           t5_option, tokenizer_option, vae_option, weight_sources)
 from .errors import UserInputError  # noqa: E402
+from .runtime_env import is_lead_rank  # noqa: E402
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+
+class _PlainHelpFlag:
+    """Shows --help/-h as the plain flag it is (typer would print a `<bool>` value)."""
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)  # type: ignore[misc]
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
+class Command(_PlainHelpFlag, typer.core.TyperCommand):
+    """The class of every wanengine command (`@app.command(cls=Command)`)."""
+
+
+class Group(_PlainHelpFlag, typer.core.TyperGroup):
+    pass
+
+
+app = typer.Typer(cls=Group, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   context_settings={"help_option_names": ["-h", "--help"]},
                   help="wanengine: Wan2.2-I2V-A14B image-to-video inference (Ascend NPU, CUDA, CPU).\n\n"
                        "Global options (--quiet/-q, --verbose/-v, --debug) may also follow the command.")
@@ -55,23 +76,18 @@ def say(message: str, level: int = 1) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def lead_rank() -> bool:
-    """True except on the ranks 1.. of a torchrun job (they stay quiet about errors)."""
-    return os.environ.get("RANK", "0") in ("", "0")
-
-
 def fail(message: str, code: int) -> None:
     """One error line (on rank 0 only; other ranks show theirs with --verbose), then exit `code`."""
-    if lead_rank():
+    if is_lead_rank():
         print(f"wanengine: error: {message}", file=sys.stderr, flush=True)
     elif _State.verbosity >= 2:
         print(f"wanengine: rank {os.environ.get('RANK')}: error: {message}", file=sys.stderr, flush=True)
     raise typer.Exit(code)
 
 
-# Library argument names -> the CLI flag a user typed (errors name the argument, see errors.py).
-ARGUMENT_FLAGS = {"steps": "--sample-steps", "shift": "--sample-shift", "solver": "--sample-solver",
-                  "seed": "--seed", "guide_scale": "--guide-scale", "path": "--out"}
+# Library argument names whose CLI flag is not "--" + the name in kebab case (errors name the
+# argument, see errors.InvalidArgument; the CLI prints the flag the user typed).
+ARGUMENT_FLAGS = {"steps": "--sample-steps", "shift": "--sample-shift", "solver": "--sample-solver"}
 
 
 def flag_for(argument: str) -> str:
@@ -81,7 +97,7 @@ def flag_for(argument: str) -> str:
 def user_message(exc: UserInputError) -> str:
     """The message of a user error, with a library argument name replaced by its CLI flag."""
     argument = getattr(exc, "argument", None)
-    detail = getattr(exc, "detail", None)
+    detail = getattr(exc, "cli_detail", None) or getattr(exc, "detail", None)
     if argument and detail is not None:
         return f"{flag_for(argument)}: {detail}"
     return str(exc)
@@ -113,9 +129,24 @@ def handles_errors(command: Callable) -> Callable:
     return wrapper
 
 
+def version_line() -> str:
+    """wanengine's version with torch's (and torch_npu's) from the package metadata: nothing
+    is imported, so it answers at once even where torch is broken."""
+    from importlib import metadata
+
+    parts = [f"python {sys.version.split()[0]}"]
+    for package in ("torch", "torch_npu"):
+        try:
+            parts.append(f"{package} {metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            if package == "torch":
+                parts.append("torch not installed")
+    return f"wanengine {__version__} ({', '.join(parts)})"
+
+
 def _show_version(value: bool) -> None:
     if value:
-        print(f"wanengine {__version__}")
+        print(version_line())
         raise typer.Exit(0)
 
 
@@ -132,7 +163,7 @@ def _global(
 
 
 # --------------------------------------------------------------------------- i2v
-@app.command(epilog="The reference's spellings (--ckpt_dir, --frame_num, --sample_steps, --base_seed, "
+@app.command(cls=Command, epilog="The reference's spellings (--ckpt_dir, --frame_num, --sample_steps, --base_seed, "
                     "--save_file, --offload_model True, --convert_model_dtype, --task i2v-A14B, ...) are "
                     "accepted too. Global options may follow the command.")
 @handles_errors
@@ -188,6 +219,8 @@ def i2v(
     vae: Optional[Path] = vae_option(),
     tokenizer: Optional[Path] = tokenizer_option(),
     dit_config: Optional[Path] = dit_config_option(),
+    quantize: Optional[str] = quantize_option(),
+    quantize_t5: Optional[str] = quantize_t5_option(),
     ignore_memory_check: bool = typer.Option(False, "--ignore-memory-check", metavar="", rich_help_panel="Reliability",
                                              help="Run even if the memory estimate exceeds what the device has."),
 ) -> None:
@@ -204,7 +237,8 @@ def i2v(
     cfg = EngineConfig(**sources, device=device, dtype=resolve_dtype(dtype, convert_model_dtype),
                        kernel_backend=kernel_backend, offload_model=offload_model, t5_cpu=t5_cpu,
                        vae_tile_rows=vae_tile_rows, ulysses_size=ulysses_size, cfg_size=cfg_size, dit_fsdp=dit_fsdp,
-                       t5_fsdp=t5_fsdp, vae_parallel=vae_parallel, progress=_State.verbosity > 0)
+                       t5_fsdp=t5_fsdp, vae_parallel=vae_parallel, progress=_State.verbosity > 0,
+                       quantize=quantize, quantize_t5=quantize_t5)
     cfg.validate(), opts.validate()  # usage errors before torch is imported
 
     from .run import preflight_run, run_i2v
@@ -229,22 +263,41 @@ def resolve_dtype(dtype: Optional[str], convert_model_dtype: bool) -> str:
 
 
 # --------------------------------------------------------------------------- demo
-@app.command()
+@app.command(cls=Command)
 @handles_errors
 def demo(
     out: Path = typer.Option(Path("demo.mp4"), "--out", help="Where to write the demo video (.mp4 or .safetensors)."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", show_default="$WANENGINE_CACHE or ~/.cache/wanengine",
                                              help="Where the random demo checkpoint is kept."),
     seed: int = typer.Option(42, "--seed", help="Seed of the generation."),
+    device: Optional[str] = typer.Option(None, "--device", show_default="npu > cuda > cpu",
+                                         help="cpu, cuda[:N] or npu[:N]: the device to check."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", show_default="float32 on CPU, else bfloat16",
+                                        help="float32, bfloat16 or float16."),
 ) -> None:
-    """Run the whole pipeline on a small random-weight checkpoint (no downloads, < 1 minute on CPU)."""
+    """Run the whole pipeline on a small random-weight checkpoint (no downloads, < 1 minute on CPU).
+
+    Writes the video, the generated input image (<stem>_input.png) and a preview
+    (<stem>_preview.png: input | first frame | last frame)."""
+    from .config import EngineConfig
+
+    import time
+
+    from .clock import process_age
+    from .config import EngineConfig
+
+    startup = process_age()
+    EngineConfig(ckpt_dir=".", device=device, dtype=dtype or "float32").validate()  # usage errors before torch
+    start = time.perf_counter()
     from .demo import run_demo
 
-    run_demo(out, cache_dir=cache_dir, seed=seed, say=say, progress=_State.verbosity > 0)
+    timings = {"start-up": startup, "import torch": time.perf_counter() - start}
+    run_demo(out, cache_dir=cache_dir, seed=seed, say=say, progress=_State.verbosity > 0, device=device, dtype=dtype,
+             timings=timings)
 
 
 # --------------------------------------------------------------------------- info
-@app.command()
+@app.command(cls=Command)
 @handles_errors
 def info(
     ckpt_dir: Optional[Path] = ckpt_dir_option(),
@@ -267,7 +320,7 @@ def info(
 
 
 # --------------------------------------------------------------------------- convert
-@app.command()
+@app.command(cls=Command)
 @handles_errors
 def convert(
     out: Path = typer.Option(..., "--out", help="New (or empty) directory to write the released layout into."),
@@ -278,16 +331,19 @@ def convert(
     vae: Optional[Path] = vae_option(),
     tokenizer: Optional[Path] = tokenizer_option(),
     dit_config: Optional[Path] = dit_config_option(),
+    quantize: Optional[str] = quantize_option("int8 or fp8: write the experts' block linears 8-bit "
+                                              "(default: 8-bit sources are dequantized to bfloat16)."),
+    quantize_t5: Optional[str] = quantize_t5_option(),
 ) -> None:
     """Write any layout as the released layout, tensor by tensor (stored dtypes kept)."""
     from .io.convert import convert_checkpoint
 
     sources = weight_sources(ckpt_dir, high_noise_model, low_noise_model, t5, vae, tokenizer, dit_config)
-    convert_checkpoint(out, **sources, say=say)
+    convert_checkpoint(out, **sources, say=say, quantize=quantize, quantize_t5=quantize_t5)
 
 
 # --------------------------------------------------------------------------- plan
-@app.command("plan", epilog="Any i2v command line is accepted: options plan has no use for (--ckpt-dir, "
+@app.command("plan", cls=Command, epilog="Any i2v command line is accepted: options plan has no use for (--ckpt-dir, "
                             "--prompt, --seed, --out, ...) are ignored.")
 @handles_errors
 def plan_command(
@@ -295,7 +351,7 @@ def plan_command(
     max_area: Optional[int] = typer.Option(None, "--max-area", rich_help_panel=SAMPLING, show_default="W*H of --size",
                                            help="Pixel area of the frame (overrides --size)."),
     image: Optional[Path] = typer.Option(None, "--image", rich_help_panel=SAMPLING, show_default="the size's aspect",
-                                         help="Input image: only its aspect ratio is read (from the header)."),
+                                         help="Input image: only its aspect ratio is read (from the header), if it exists here."),
     image_aspect: Optional[float] = typer.Option(None, "--image-aspect", rich_help_panel=SAMPLING,
                                                  show_default="the size's", help="Input image height / width."),
     frame_num: int = typer.Option(81, "--frame-num", rich_help_panel=SAMPLING, help="Frames, 4n+1."),
@@ -337,6 +393,14 @@ def plan_command(
     as_json: bool = typer.Option(False, "--json", metavar="", rich_help_panel=OUTPUT, help="Print JSON instead of tables."),
     convert_model_dtype: bool = typer.Option(False, "--convert-model-dtype", metavar="", hidden=True),
     task: str = typer.Option("i2v-A14B", "--task", hidden=True),
+    weights: Optional[str] = typer.Option(None, "--weights", rich_help_panel=QUANT_PANEL,
+                                          show_default="--quantize, else the run dtype",
+                                          help="int8 or fp8: the experts' block linears in 8 bits."),
+    t5_weights: Optional[str] = typer.Option(None, "--t5-weights", rich_help_panel=QUANT_PANEL,
+                                             show_default="--quantize-t5, else the run dtype",
+                                             help="int8 or fp8: the text encoder's block linears in 8 bits."),
+    quantize: Optional[str] = quantize_option("As for i2v: the experts quantized at load (sets --weights)."),
+    quantize_t5: Optional[str] = quantize_t5_option("As for i2v (sets --t5-weights)."),
 ) -> None:
     """Estimate FLOP, memory per device and time for one video; needs no weights."""
     import dataclasses
@@ -350,12 +414,14 @@ def plan_command(
                        dit_fsdp=dit_fsdp, t5_fsdp=t5_fsdp, t5_cpu=t5_cpu, offload=offload_model, cfg_batch=cfg_batch,
                        dtype=resolve_dtype(dtype, convert_model_dtype), vae_parallel=vae_parallel, device=hardware,
                        device_peak_tflops=peak_tflops, device_memory_gb=memory_gb, efficiency=efficiency,
-                       link_gbps=link_gbps, placement=device)
+                       link_gbps=link_gbps, placement=device, weights=weights or quantize,
+                       t5_weights=t5_weights or quantize_t5)
     print(json.dumps(dataclasses.asdict(result), indent=2, default=str) if as_json else format_plan(result))
 
 
-def read_aspect(image: Path) -> float:
-    """height / width of an image file, from its header (EXIF orientation applied)."""
+def read_aspect(image: Path) -> Optional[float]:
+    """height / width of an image file, from its header (EXIF orientation applied); None, with
+    a note, when it cannot be read here (a command line pasted from another machine)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -364,8 +430,15 @@ def read_aspect(image: Path) -> float:
             if handle.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # rotated by 90 degrees
                 width, height = height, width
     except (OSError, UnidentifiedImageError) as exc:
-        raise UserInputError(f"--image: {image}: not a readable image ({exc})") from None
+        say(f"plan: --image {image} cannot be read here ({type(exc).__name__}); using the aspect of --size")
+        return None
     return height / width
+
+
+# --------------------------------------------------------------------------- serve
+from .serve.command import serve as _serve  # noqa: E402  (its options live in wanengine/serve/command.py)
+
+app.command("serve")(handles_errors(_serve))
 
 
 # --------------------------------------------------------------------------- entry point

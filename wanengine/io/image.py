@@ -1,5 +1,5 @@
-"""Input images: a path or a PIL image -> RGB, EXIF orientation applied; then a float tensor in
-[-1, 1].
+"""Input images: a path, bytes, PIL image, numpy array or torch tensor (`image_input`) -> RGB,
+EXIF orientation applied; then a float tensor in [-1, 1].
 
 Decoding is faithful or refused, never silently wrong:
 - Every mode with transparency (RGBA, LA, La, RGBa, PA, P/L/RGB with a `transparency` key) is
@@ -21,15 +21,14 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from typing import Union
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import UserInputError
+from .image_input import ImageLike, normalize_image_input  # noqa: F401 (ImageLike re-exported)
 
-ImageLike = Union[str, "os.PathLike[str]", Image.Image]
 BACKGROUND = (255, 255, 255)
 REDUCE_ABOVE_PIXELS = 36_000_000  # e.g. 8000x4500; far more than any output frame needs
 _ALPHA_MODES = ("RGBA", "LA", "La", "RGBa", "PA")
@@ -46,7 +45,9 @@ def bomb_limit() -> int:
 
 def open_image(image: ImageLike) -> Image.Image:
     """Open and decode `image` fully (so a corrupt file fails here, not mid-run), apply its
-    EXIF orientation and convert any mode to RGB (see the module docstring for the rules)."""
+    EXIF orientation and convert any mode to RGB (see the module docstring for the rules).
+    `image` is anything `image_input.normalize_image_input` accepts (path, bytes, PIL, numpy, torch)."""
+    image = normalize_image_input(image)  # -> a PIL image or an existing file's path
     if isinstance(image, Image.Image):
         pil, label = image, "image"
     else:
