@@ -178,8 +178,8 @@ def test_seed_range_and_bounds():
 
     GenerationOptions(prompt="p", seed=2**63 - 1).validate()
     GenerationOptions(prompt="p", seed=-(2**70)).validate()  # negative: draw one
-    for options, flag in ((dict(seed=2**63), "--seed"), (dict(frame_num=4097), "--frame-num"),
-                          (dict(steps=1001), "--sample-steps")):
+    for options, flag in ((dict(seed=2**63), "seed"), (dict(frame_num=4097), "frame_num"),
+                          (dict(steps=1001), "steps")):  # library argument names; the CLI shows the flags
         with pytest.raises(ConfigError, match=flag):
             GenerationOptions(prompt="p", **options).validate()
 

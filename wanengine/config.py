@@ -208,16 +208,16 @@ def check_generation_bounds(opts: "GenerationOptions") -> None:
     from .limits import MAX_FRAME_NUM, MAX_STEPS, SEED_MAX
 
     if opts.frame_num > MAX_FRAME_NUM:
-        raise ConfigError(f"--frame-num: {opts.frame_num} is above the limit of {MAX_FRAME_NUM} "
-                          "(1024 latent frames, the model's RoPE positions)")
+        raise InvalidArgument("frame_num", f"{opts.frame_num} is above the limit of {MAX_FRAME_NUM} "
+                                           "(1024 latent frames, the model's RoPE positions)")
     if opts.steps > MAX_STEPS:
-        raise ConfigError(f"--sample-steps: {opts.steps} is above the limit of {MAX_STEPS} (the scheduler's "
-                          "training timesteps)")
+        raise InvalidArgument("steps", f"{opts.steps} is above the limit of {MAX_STEPS} (the scheduler's "
+                                       "training timesteps)")
     if isinstance(opts.seed, bool) or not isinstance(opts.seed, int):
-        raise ConfigError(f"--seed: must be an integer, got {opts.seed!r}")
+        raise InvalidArgument("seed", f"must be an integer, got {opts.seed!r}")
     if opts.seed > SEED_MAX:
-        raise ConfigError(f"--seed: {opts.seed} is out of range; use 0 .. 2**63-1 (= {SEED_MAX}), "
-                          "or a negative value to draw one")
+        raise InvalidArgument("seed", f"{opts.seed} is out of range; use 0 .. 2**63-1 (= {SEED_MAX}), "
+                                      "or a negative value to draw one")
 
 
 def check_frame_size(width: int, height: int) -> None:
@@ -225,8 +225,8 @@ def check_frame_size(width: int, height: int) -> None:
     from .limits import MAX_SIDE
 
     if max(width, height) > MAX_SIDE:
-        raise ConfigError(f"--size/--max-area: gives a {width}x{height} frame; at most {MAX_SIDE} pixels per side "
-                          "(the model's RoPE positions)")
+        raise InvalidArgument("max_area", f"gives a {width}x{height} frame; at most {MAX_SIDE} pixels per side "
+                                          "(the model's RoPE positions; lower --size/--max-area)")
 
 
 def latent_grid(image_height: int, image_width: int, max_area: int, frame_num: int) -> Tuple[int, int, int]:

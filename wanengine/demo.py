@@ -172,6 +172,9 @@ def run_demo(out: Path, *, cache_dir: Optional[Path] = None, seed: int = 42,
     timer = StageTimer(log=StageLog(enabled=progress))
     for name, seconds in (timings or {"start-up": process_age()}).items():
         timer.add(name, seconds)
+    from .demo_cache import check_cache_dir
+
+    check_cache_dir(Path(cache_dir) if cache_dir is not None else default_cache_dir())  # exit 2 before any stage
     with timer.stage("prepare checkpoint"):
         ckpt = demo_checkpoint(cache_dir)
     say(f"demo checkpoint: {ckpt}")

@@ -36,8 +36,11 @@ def normalize_image_input(image: Any) -> Union[Image.Image, str]:
         path = os.fspath(image)
         if isinstance(path, bytes):
             path = os.fsdecode(path)
-        if not os.path.isfile(path):
-            raise InvalidArgument("image", f"{path}: file not found")
+        from .file_kinds import not_a_file_reason
+
+        problem = not_a_file_reason(path)  # "file not found", "is a directory, not a regular file", ...
+        if problem is not None:
+            raise InvalidArgument("image", f"{path}: {problem}")
         return path
     if isinstance(image, (bytes, bytearray, memoryview)):
         return _decode(io.BytesIO(bytes(image)), "the bytes given")
