@@ -105,8 +105,21 @@ def i2v(
     vae_parallel: bool = typer.Option(False, "--vae-parallel", "--vae_parallel", help="Split the VAE over the ranks."),
     metrics_json: Optional[Path] = typer.Option(None, "--metrics-json", help="Write timings, settings, seed, versions."),
     task: str = typer.Option("i2v-A14B", "--task", help="Accepted for reference scripts; must be i2v-A14B."),
+    step_cache: str = typer.Option("off", "--step-cache", rich_help_panel="Step cache",
+                                   help="off, first-block or mag: skip DiT blocks on steps that change little."),
+    cache_threshold: Optional[float] = typer.Option(None, "--cache-threshold", rich_help_panel="Step cache",
+                                                    help="Skip while the accumulated change stays below this "
+                                                         "(0 never skips)."),
+    cache_warmup: int = typer.Option(1, "--cache-warmup", rich_help_panel="Step cache",
+                                     help="Steps always computed after each expert switch."),
+    cache_max_skips: Optional[int] = typer.Option(None, "--cache-max-skips", rich_help_panel="Step cache",
+                                                  help="At most this many consecutive skipped steps."),
+    cache_table: Optional[Path] = typer.Option(None, "--cache-table", rich_help_panel="Step cache",
+                                               help="Mag table JSON (from `wanengine calibrate-cache`)."),
 ) -> None:
     """Generate a video from an image and a prompt."""
+    import dataclasses
+
     from .config import EngineConfig, GenerationOptions
     from .run import preflight_run, run_i2v
 
@@ -119,6 +132,8 @@ def i2v(
                        offload_model=offload_model, t5_cpu=t5_cpu, vae_tile_rows=vae_tile_rows,
                        ulysses_size=ulysses_size, cfg_size=cfg_size, dit_fsdp=dit_fsdp, t5_fsdp=t5_fsdp,
                        vae_parallel=vae_parallel, progress=_State.verbosity > 0)
+    cfg = dataclasses.replace(cfg, step_cache=step_cache, cache_threshold=cache_threshold, cache_warmup=cache_warmup,
+                              cache_max_skips=cache_max_skips, cache_table=str(cache_table) if cache_table else None)
     plan = preflight_run(cfg, opts, image, out, metrics_json)
     run_i2v(plan, say=say)
 
@@ -179,6 +194,7 @@ def plan_command(
     efficiency: Optional[float] = typer.Option(None, "--efficiency", help="Fraction of peak achieved."),
     link_gbps: Optional[float] = typer.Option(None, "--link-gbps", help="Per-link bandwidth for communication."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+    step_cache: str = typer.Option("off", "--step-cache", help="off, first-block or mag: memory of its residuals."),
 ) -> None:
     """Estimate FLOP, memory per device and time for one video; needs no weights."""
     import dataclasses
@@ -189,8 +205,14 @@ def plan_command(
                        solver=solver, cfg=guidance, world_size=world_size, ulysses_size=ulysses_size, cfg_size=cfg_size,
                        dit_fsdp=dit_fsdp, t5_fsdp=t5_fsdp, t5_cpu=t5_cpu, offload=offload_model, cfg_batch=cfg_batch,
                        dtype=dtype, vae_parallel=vae_parallel, device=hardware, device_peak_tflops=peak_tflops,
-                       device_memory_gb=memory_gb, efficiency=efficiency, link_gbps=link_gbps)
+                       device_memory_gb=memory_gb, efficiency=efficiency, link_gbps=link_gbps, step_cache=step_cache)
     print(json.dumps(dataclasses.asdict(result), indent=2, default=str) if as_json else format_plan(result))
+
+
+# --------------------------------------------------------------------------- calibrate-cache
+from .cache.command import calibrate_cache  # noqa: E402 (a command module; imports no torch)
+
+app.command("calibrate-cache")(handles_errors(calibrate_cache))
 
 
 # --------------------------------------------------------------------------- entry point

@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Optional, Sequence, Tuple, Union
 
+from .cache.options import validate_cache_options
 from .constants import constants, defaults
 from .errors import ConfigError
 
@@ -36,6 +37,9 @@ class EngineConfig:
         cfg_batch: evaluate the conditional and unconditional branches as one batch of 2.
         ulysses_size, cfg_size, dit_fsdp, t5_fsdp, vae_parallel: multi-card layout (torchrun).
         progress: show the step bar and the stage table.
+        step_cache, cache_threshold, cache_warmup, cache_max_skips, cache_table: the step cache
+            (`wanengine.cache`): policy off / first-block / mag, its threshold, warm-up steps after
+            each expert switch, consecutive-skip limit and the mag table file.
     """
 
     ckpt_dir: str
@@ -53,6 +57,11 @@ class EngineConfig:
     t5_fsdp: bool = False
     vae_parallel: bool = False
     progress: bool = True
+    step_cache: str = "off"
+    cache_threshold: Optional[float] = None
+    cache_warmup: int = 1
+    cache_max_skips: Optional[int] = None
+    cache_table: Optional[str] = None
 
     def validate(self) -> "EngineConfig":
         if not self.ckpt_dir:
@@ -71,6 +80,7 @@ class EngineConfig:
             raise ConfigError(f"cfg_size (--cfg-size): must be 1 or 2 (two guidance branches), got {self.cfg_size}")
         if self.vae_tile_rows is not None and self.vae_tile_rows < 1:
             raise ConfigError(f"vae_tile_rows: must be >= 1, got {self.vae_tile_rows}")
+        validate_cache_options(self)
         return self
 
     @property

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from .cache.report import cache_summary, check_cache_table
 from .config import EngineConfig, GenerationOptions, latent_grid
 from .errors import ConfigError
 from .io.checkpoint import EXPERTS, preflight_checkpoint
@@ -63,6 +64,7 @@ def preflight_run(cfg: EngineConfig, opts: GenerationOptions, image_path, out: O
 
     num_heads = DiTConfig.from_json(layout.expert(EXPERTS[0]) / "config.json").num_heads
     check_parallel_layout(cfg, num_heads)
+    check_cache_table(cfg, opts.steps)
     image = open_image(image_path)
     _, lat_h, lat_w = latent_grid(image.height, image.width, opts.resolved_max_area, opts.frame_num)
     if opts.seed < 0:  # draw now so the file name, the log and the metadata agree
@@ -100,6 +102,8 @@ def run_i2v(plan: RunPlan, say: Callable[..., None] = lambda message, level=1: p
         say(f"wrote {plan.out} ({video.num_frames} frames, seed {video.seed})")
         if plan.cfg.progress:
             say(stage_table(video.metadata["timings_s"]))
+            if "cache" in video.metadata:
+                say(cache_summary(video.metadata["cache"]))
         if plan.metrics_json is not None:
             write_metrics(plan.metrics_json, video.metadata, plan.out)
     return plan.out
