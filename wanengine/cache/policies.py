@@ -66,13 +66,18 @@ def agree(local: torch.Tensor, layout: CacheLayout) -> List[List[float]]:
     return local.double().cpu().tolist()  # the one device -> host sync of a decision
 
 
-def _reset(run: CacheRun, batch: int) -> None:
-    for slot in run.all_slots(batch):
+def _skip_or_run(run: CacheRun, model: nn.Module, base: torch.Tensor, inputs, cos: torch.Tensor,
+                 sin: torch.Tensor, slots: List[int], skip: bool, start: int) -> torch.Tensor:
+    """Skipping: `base [B, S, D]` plus each branch's saved residual. Otherwise blocks `start..`
+    on `base`, saving the residual they add, and every branch's accumulators restart."""
+    if skip:
+        return base + torch.stack([run.tensors[s].residual for s in slots]).float()
+    out = run_block_range(model, base, inputs, cos, sin, start)
+    for i, slot in enumerate(slots):
+        run.slot_tensors(slot).residual = (out[i] - base[i]).to(run.dtype)
+    for slot in run.all_slots(base.shape[0]):
         run.scalars[slot] = SlotScalars()
-
-
-def _saved_residuals(run: CacheRun, slots: List[int]) -> torch.Tensor:
-    return torch.stack([run.tensors[s].residual for s in slots]).float()  # [B, S, D]
+    return out
 
 
 def first_block(run: CacheRun, model: nn.Module, tokens: torch.Tensor, inputs, cos: torch.Tensor,
@@ -97,15 +102,10 @@ def first_block(run: CacheRun, model: nn.Module, tokens: torch.Tensor, inputs, c
         if skip:
             for slot, total in enumerate(totals):
                 run.slot_scalars(slot).accumulated = total
-    if skip:
-        out = after0 + _saved_residuals(run, slots)
-    else:
-        out = run_block_range(model, after0, inputs, cos, sin, 1)
+    out = _skip_or_run(run, model, after0, inputs, cos, sin, slots, skip, 1)
+    if not skip:
         for i, slot in enumerate(slots):
-            saved = run.slot_tensors(slot)
-            saved.block0 = block0[i].to(run.dtype)
-            saved.residual = (out[i] - after0[i]).to(run.dtype)
-        _reset(run, batch)
+            run.slot_tensors(slot).block0 = block0[i].to(run.dtype)
     run.decided(skip, candidate, distances)
     return model.head(out, inputs.e)
 
@@ -129,13 +129,7 @@ def mag(run: CacheRun, model: nn.Module, tokens: torch.Tensor, inputs, cos: torc
             if skip:
                 for slot, (product, err) in enumerate(updated):
                     run.scalars[slot] = SlotScalars(accumulated=err, ratio=product)
-    if skip:
-        out = tokens + _saved_residuals(run, slots)
-    else:
-        out = run_block_range(model, tokens, inputs, cos, sin, 0)
-        for i, slot in enumerate(slots):
-            run.slot_tensors(slot).residual = (out[i] - tokens[i]).to(run.dtype)
-        _reset(run, batch)
+    out = _skip_or_run(run, model, tokens, inputs, cos, sin, slots, skip, 0)
     run.decided(skip, candidate, values)
     return model.head(out, inputs.e)
 
