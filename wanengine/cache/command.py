@@ -1,6 +1,7 @@
 """`wanengine calibrate-cache`: record a mag-cache table from a real run (registered on the
-CLI's app in `wanengine.cli`). Every option is checked before any weight is read; the table
-is written atomically, only after the run succeeded. Importing this module imports no torch."""
+CLI's app in `wanengine.cli`; the reference's snake_case spellings are rewritten there, as for `i2v`).
+Every option is checked before any weight is read; the table is written atomically, only
+after the run succeeded. Importing this module imports no torch."""
 from __future__ import annotations
 
 import os
@@ -14,24 +15,24 @@ from ..errors import ConfigError
 
 
 def calibrate_cache(
-    ckpt_dir: Path = typer.Option(..., "--ckpt-dir", "--ckpt_dir", help="Released Wan2.2-I2V-A14B checkpoint directory."),
+    ckpt_dir: Path = typer.Option(..., "--ckpt-dir", help="Released Wan2.2-I2V-A14B checkpoint directory."),
     image: Path = typer.Option(..., "--image", help="Input image of the calibration run."),
     prompt: str = typer.Option(..., "--prompt", help="Text prompt of the calibration run."),
     out: Path = typer.Option(..., "--out", help="Where to write the table (.json)."),
-    negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", "--negative_prompt"),
+    negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt"),
     size: Optional[str] = typer.Option(None, "--size", help="W*H, e.g. 1280*720 or 832*480; sets the max area."),
-    max_area: Optional[int] = typer.Option(None, "--max-area", "--max_area"),
-    frame_num: int = typer.Option(81, "--frame-num", "--frame_num"),
-    sample_steps: int = typer.Option(40, "--sample-steps", "--sample_steps", help="The table is valid for this count only."),
-    sample_shift: float = typer.Option(5.0, "--sample-shift", "--sample_shift"),
-    sample_solver: str = typer.Option("unipc", "--sample-solver", "--sample_solver"),
-    guide_scale: str = typer.Option("3.5,3.5", "--guide-scale", "--sample_guide_scale", "--sample-guide-scale"),
-    seed: int = typer.Option(-1, "--seed", "--base_seed", "--base-seed", help="Seed; negative draws one."),
+    max_area: Optional[int] = typer.Option(None, "--max-area"),
+    frame_num: int = typer.Option(81, "--frame-num"),
+    sample_steps: int = typer.Option(40, "--sample-steps", help="The table is valid for this count only."),
+    sample_shift: float = typer.Option(5.0, "--sample-shift"),
+    sample_solver: str = typer.Option("unipc", "--sample-solver"),
+    guide_scale: str = typer.Option("3.5,3.5", "--guide-scale"),
+    seed: int = typer.Option(-1, "--seed", help="Seed; negative draws one."),
     device: Optional[str] = typer.Option(None, "--device"),
     dtype: str = typer.Option("bfloat16", "--dtype"),
-    kernel_backend: str = typer.Option("auto", "--kernel-backend", "--kernel_backend"),
+    kernel_backend: str = typer.Option("auto", "--kernel-backend"),
     offload_model: Optional[bool] = typer.Option(None, "--offload-model/--no-offload-model"),
-    t5_cpu: bool = typer.Option(False, "--t5-cpu", "--t5_cpu"),
+    t5_cpu: bool = typer.Option(False, "--t5-cpu", metavar=""),
 ) -> None:
     """Record a mag-cache table (per expert and guidance branch) from one real run."""
     from ..cli import say
