@@ -43,8 +43,10 @@ def meta(golden: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def engine(golden: Path) -> Engine:
-    """One loaded engine for every single-process case; each attaches its own cache (below)."""
-    return Engine(EngineConfig(ckpt_dir=str(golden / "ckpt"), device="cpu", dtype="float32", progress=False))
+    """One loaded engine for every single-process case; each attaches its own cache (below).
+    Offload on: on the CPU it runs the expert switcher's swap path, which the cache must survive."""
+    return Engine(EngineConfig(ckpt_dir=str(golden / "ckpt"), device="cpu", dtype="float32", progress=False,
+                               offload_model=True))
 
 
 @contextmanager

@@ -51,6 +51,8 @@ BAD = {  # extra i2v flags -> words the one error line must contain
                                      ["--cache-table", "8 steps", "has 2"]),
     "not a table": (["--step-cache", "mag", "--cache-threshold", "0.1", "--cache-table", "{junk}"],
                     ["--cache-table", "not a mag-cache table"]),
+    "ratio list of the wrong length": (["--step-cache", "mag", "--cache-threshold", "0.1", "--cache-table",
+                                        "{short}"], ["--cache-table", "ratios.high_noise_model.cond", "2 entries"]),
     "max skips 0": (["--step-cache", "first-block", "--cache-threshold", "0.1", "--cache-max-skips", "0"],
                     ["--cache-max-skips"]),
 }
@@ -61,7 +63,10 @@ def test_bad_cache_options_fail_before_loading(case, golden, tmp_path, capsys, n
     flags, words = BAD[case]
     table = _table_for(tmp_path / "t8.json", 8)
     (tmp_path / "junk.json").write_text('{"steps": 2}')
-    flags = [f.format(table=table, junk=tmp_path / "junk.json") for f in flags]
+    short = json.loads(_table_for(tmp_path / "t2.json", 2).read_text())
+    short["ratios"]["high_noise_model"]["cond"].append(1.0)
+    (tmp_path / "short.json").write_text(json.dumps(short))
+    flags = [f.format(table=table, junk=tmp_path / "junk.json", short=tmp_path / "short.json") for f in flags]
     code = _main(_i2v_args(golden, tmp_path / "out.mp4") + flags)
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 2 and len(err) == 1, err
@@ -104,3 +109,17 @@ def test_calibrate_then_mag_through_the_cli(golden, tmp_path, capsys):
     assert report["skipped_steps"] == [1, 2, 4]  # every step the rules allow at a threshold this large
     assert report["skipped_fraction"] == pytest.approx(0.5)
     assert "step cache (mag, threshold 1): 3 of 6 steps skipped (50.0%): steps 2, 3, 5" in err
+
+
+def test_plan_states_the_cache_memory():
+    from wanengine.plan import make_plan
+
+    def cache_gb(**kwargs) -> float:
+        rows = {row[0]: row for row in make_plan(size="1280*720", dtype="bfloat16", **kwargs).memory.rows}
+        return next((row[3] for name, row in rows.items() if name.startswith("step cache")), 0.0) / 1e9
+
+    one = 75_600 * 5120 * 2 / 1e9  # one [L, D] bf16 tensor at 720p: 0.77 GB
+    assert cache_gb() == 0.0
+    assert cache_gb(step_cache="mag") == pytest.approx(2 * one)  # two branches, one tensor each
+    assert cache_gb(step_cache="first-block") == pytest.approx(4 * one)  # and block 0's residual
+    assert cache_gb(step_cache="first-block", cfg_size=2, ulysses_size=4) == pytest.approx(2 * one / 4)
