@@ -236,6 +236,34 @@ def test_one_branch_per_step(engine, golden, meta):
     assert skipped and skipped == predict_first_block(recorded, THRESHOLD, branches=(0,))
 
 
+def test_decisions_are_agreed_among_the_ranks_that_compute_the_step():
+    """CFG parallel: over every rank, except for a conditional-only (guidance off) expert, whose
+    steps only CFG group 0 computes -- then within its Ulysses group, or not at all."""
+    from wanengine.cache.options import CacheSettings
+    from wanengine.cache.state import CacheLayout, CacheRun
+
+    layout = CacheLayout(sp_rank=1, sp_size=2, cfg_rank=0, cfg_size=2, world_group="world", sp_group="sp",
+                         distributed=True)
+
+    def run_for(layout: CacheLayout) -> CacheRun:
+        return CacheRun(CacheSettings("first-block", 0.1), None, layout, 4, torch.float32, lambda run: None,
+                        cond_only={"low_noise_model"})
+
+    run = run_for(layout)
+    run.begin_step("high_noise_model")
+    assert run.decision_group() == (True, "world") and run.all_slots(1) == [0, 1] and run.slots_for(1) == [0]
+    run.begin_step("low_noise_model")
+    assert run.decision_group() == (True, "sp") and run.all_slots(1) == [0] and run.slots_for(1) == [0]
+    alone = run_for(replace(layout, sp_size=1, sp_rank=0, sp_group=None))
+    alone.begin_step("low_noise_model")
+    assert alone.decision_group() == (False, None)
+    other = run_for(replace(layout, cfg_rank=1))
+    other.begin_step("low_noise_model")
+    with pytest.raises(RuntimeError, match="conditional branch only"):
+        other.slots_for(1)
+    assert run_for(CacheLayout()).decision_group() == (False, None)  # one process: no collective
+
+
 # --------------------------------------------------------------------------- multi-process
 SHARDS = {  # layout -> each rank's (sequence rows of 2 chunks, guidance branches)
     "ulysses2_dit_fsdp": [(0, (0, 1)), (1, (0, 1))],

@@ -9,7 +9,7 @@ the patch.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterable, Optional
 
 import torch
 from torch import nn
@@ -71,13 +71,16 @@ class StepCache:
         if self.table is not None:
             self.table.check_steps(steps)
 
-    def begin(self, steps: int) -> CacheRun:
+    def begin(self, steps: int, cond_only: Iterable[str] = ()) -> CacheRun:
         """The state of a generation of `steps` steps; use it as a context manager around the
-        denoising loop and pass the expert provider through `run.track`."""
+        denoising loop and pass the expert provider through `run.track`. `cond_only`: experts
+        whose steps run the conditional branch only (guidance off) -- under CFG parallel only
+        group 0 computes those, so their decisions are agreed there."""
         self.check_steps(steps)
         if self.active is not None:
             raise RuntimeError("step cache: a generation is already running on this engine")
-        self.active = CacheRun(self.settings, self.table, self.layout, steps, self.dtype, self._closed)
+        self.active = CacheRun(self.settings, self.table, self.layout, steps, self.dtype, self._closed,
+                               frozenset(cond_only))
         return self.active
 
     def _closed(self, run: CacheRun) -> None:

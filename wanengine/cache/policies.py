@@ -18,8 +18,10 @@ Parallel safety: the numerator and denominator sums of every branch go into one
 sequence chunks, CFG groups contribute their own branch's rows, so every rank then holds
 the whole-sequence statistics of every branch and takes the same decision -- no rank or
 group runs blocks the others skip. Padding rows (Ulysses) are left out of the sums, so the
-numbers equal the single-device ones up to summation order. `mag` needs no collective: its
-inputs (table, step, expert) are the same everywhere.
+numbers equal the single-device ones up to summation order. A step that only CFG group 0
+computes (guidance off for that expert, `CacheRun.cond_only`) is agreed within that group's
+Ulysses ranks: the other group does no DiT work then. `mag` needs no collective: its inputs
+(table, step, expert) are the same everywhere.
 
 Decisions are taken for the whole step (all branches skip or none does): a batched forward
 cannot skip half a batch for free, and CFG-parallel groups must not wait on each other.
@@ -53,15 +55,16 @@ def real_rows(tokens: torch.Tensor, inputs, layout: CacheLayout) -> int:
     return max(0, min(chunk, total - start))
 
 
-def agree(local: torch.Tensor, layout: CacheLayout) -> List[List[float]]:
-    """`local [branches, k]` summed over every rank (one all-reduce), as host floats."""
-    if layout.distributed:
+def agree(local: torch.Tensor, run: CacheRun) -> List[List[float]]:
+    """`local [branches, k]` summed over the ranks computing this step (one all-reduce), as host floats."""
+    collective, group = run.decision_group()
+    if collective:
         import torch.distributed as dist
 
         from ..parallel.groups import comm_device
 
-        box = local.to(comm_device(layout.world_group))
-        dist.all_reduce(box, op=dist.ReduceOp.SUM, group=layout.world_group)
+        box = local.to(comm_device(group))
+        dist.all_reduce(box, op=dist.ReduceOp.SUM, group=group)
         local = box
     return local.double().cpu().tolist()  # the one device -> host sync of a decision
 
@@ -95,7 +98,7 @@ def first_block(run: CacheRun, model: nn.Module, tokens: torch.Tensor, inputs, c
             ref = run.tensors[slot].block0[:rows].float()
             local[slot, 0] = (block0[i, :rows] - ref).abs().sum()
             local[slot, 1] = ref.abs().sum()
-        sums = agree(local, run.layout)
+        sums = agree(local, run)
         distances = [num / den if den > 0 else math.inf for num, den in sums]
         totals = [run.slot_scalars(s).accumulated + d for s, d in enumerate(distances)]
         skip = all(total < run.settings.threshold for total in totals)
@@ -150,7 +153,7 @@ def record(run: CacheRun, model: nn.Module, tokens: torch.Tensor, inputs, cos: t
             before = previous[i][:rows].float().norm(dim=-1).clamp_min(torch.finfo(torch.float32).tiny)
             local[slot, 0] = (now / before).sum()
             local[slot, 1] = rows
-        values = [total / count if count else math.nan for total, count in agree(local, run.layout)]
+        values = [total / count if count else math.nan for total, count in agree(local, run)]
         by_slot = run.recorded.setdefault(run.expert or "", {})
         for slot, value in enumerate(values):
             by_slot.setdefault(slot, [None] * run.steps)[run.step] = value

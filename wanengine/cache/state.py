@@ -12,7 +12,7 @@ numbers (see `policies`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, TypeVar
+from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple, TypeVar
 
 import torch
 
@@ -29,7 +29,9 @@ class CacheLayout:
     Attributes:
         sp_rank, sp_size: this rank's chunk of the token sequence (Ulysses), 1 on one device.
         cfg_rank, cfg_size: which guidance branch group this rank computes (CFG parallel).
-        world_group: the group every decision is agreed over (None: no collective, one process).
+        world_group: the group every decision is agreed over (None: the default group).
+        sp_group: this rank's Ulysses group (a step only CFG group 0 computes agrees there).
+        distributed: False on one process (no collective at all).
     """
 
     sp_rank: int = 0
@@ -38,12 +40,14 @@ class CacheLayout:
     cfg_size: int = 1
     world_group: Any = None
     distributed: bool = False
+    sp_group: Any = None
 
     @classmethod
     def from_parallel(cls, state: Any) -> "CacheLayout":
         """From a `parallel.groups.ParallelState`."""
         return cls(sp_rank=state.ulysses_rank, sp_size=state.ulysses_size, cfg_rank=state.cfg_rank,
-                   cfg_size=state.cfg_size, world_group=state.world_group, distributed=state.world_size > 1)
+                   cfg_size=state.cfg_size, world_group=state.world_group, distributed=state.world_size > 1,
+                   sp_group=state.ulysses_group)
 
 
 @dataclass
@@ -76,9 +80,11 @@ class CacheRun:
     around the denoising loop (leaving it frees every saved tensor)."""
 
     def __init__(self, settings: CacheSettings, table: Optional[MagTable], layout: CacheLayout, steps: int,
-                 dtype: torch.dtype, on_close: Callable[["CacheRun"], None]) -> None:
+                 dtype: torch.dtype, on_close: Callable[["CacheRun"], None],
+                 cond_only: FrozenSet[str] = frozenset()) -> None:
         self.settings, self.table, self.layout = settings, table, layout
         self.steps, self.dtype = steps, dtype
+        self.cond_only = frozenset(cond_only)  # experts whose steps run the conditional branch only
         self._on_close = on_close
         self.step = -1
         self.expert: Optional[str] = None
@@ -122,10 +128,29 @@ class CacheRun:
             raise RuntimeError(f"step cache: a second DiT forward in step {self.step + 1}; the cache needs all "
                                "guidance branches of a step in one forward (batched CFG or --cfg-size 2)")
         base = self.layout.cfg_rank * batch
+        if base >= self.branch_groups * batch:
+            raise RuntimeError(f"step cache: CFG group {self.layout.cfg_rank} ran a forward in step {self.step + 1}, "
+                               f"which {self.expert} runs on the conditional branch only")
         return list(range(base, base + batch))
 
+    @property
+    def branch_groups(self) -> int:
+        """CFG groups that compute the current step: 1 for a conditional-only (guidance off) expert."""
+        return 1 if self.expert in self.cond_only else self.layout.cfg_size
+
     def all_slots(self, batch: int) -> List[int]:
-        return list(range(self.layout.cfg_size * batch))
+        return list(range(self.branch_groups * batch))
+
+    def decision_group(self) -> Tuple[bool, Any]:
+        """(collective needed, group) for agreeing on the current step: every rank when all CFG
+        groups compute it; CFG group 0's Ulysses group when only the conditional branch runs
+        (the other group does no DiT work then and must not be waited for)."""
+        layout = self.layout
+        if not layout.distributed:
+            return False, None
+        if self.branch_groups == layout.cfg_size:
+            return True, layout.world_group
+        return layout.sp_size > 1, layout.sp_group
 
     def may_skip(self, slots: List[int]) -> bool:
         """Never skipped: the last step, the first `warmup` steps of each expert, a step of a
