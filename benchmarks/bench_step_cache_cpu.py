@@ -45,15 +45,18 @@ def run_once(engine: Engine, fields: Optional[dict], opts: GenerationOptions):
     if fields is not None:
         engine.step_cache = StepCache.from_config(replace(engine.cfg, **fields).validate(), engine.dtype)
         engine.step_cache.attach(engine.experts.experts, engine.cache_layout())
+    values: List[float] = []
     try:
         start = time.perf_counter()
         video = engine.generate(demo_image(), opts)
         wall = time.perf_counter() - start
     finally:
         if fields is not None:
+            run = engine.step_cache.last_run  # per step: the cond branch's distance (first-block) / ratio (mag)
+            values = [round(r.values[0], 4) for r in run.records if r.values] if run is not None else []
             engine.step_cache.detach()
             engine.step_cache = None
-    return video, wall
+    return video, wall, values
 
 
 def main() -> None:
@@ -88,13 +91,13 @@ def main() -> None:
     results = {}
     for rep in range(args.repeats):
         for label, fields in variants:
-            video, wall = run_once(engine, fields, opts)
+            video, wall, values = run_once(engine, fields, opts)
             walls[label].append(wall)
             denoise[label].append(video.metadata["timings_s"]["denoise"])
             results.setdefault(label, video)
             print(f"# run {rep + 1}/{args.repeats} {label}: i2v {wall:.2f} s, denoise "
                   f"{video.metadata['timings_s']['denoise']:.2f} s, skipped "
-                  f"{video.metadata.get('cache', {}).get('skipped_steps', [])}", flush=True)
+                  f"{video.metadata.get('cache', {}).get('skipped_steps', [])}; decision inputs {values}", flush=True)
 
     print(f"\n# Engine.i2v, CPU float32, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads); {args.steps} steps, median of "
