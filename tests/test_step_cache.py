@@ -303,7 +303,7 @@ def test_parallel_layouts_agree_with_the_single_process_cache(cached, tmp_path, 
     video, _, _ = cached
     want = video.metadata["cache"]["skipped_steps"]
     reports = launch(world, "cache", tmp_path, ["--layouts", layouts, "--cache-threshold", str(THRESHOLD),
-                                                "--sample-steps", str(STEPS)], timeout=300)
+                                                "--steps", str(STEPS)], timeout=300)
     for layout in layouts.split(","):
         assert [r[layout]["skipped_steps"] for r in reports] == [want] * world, layout
         got = load_file(str(tmp_path / f"video_{layout}.safetensors"))["video"]

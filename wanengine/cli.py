@@ -21,6 +21,9 @@ import typer
 
 from . import __version__
 from .cli_argv import UsageError
+from .cli_quant import PANEL as QUANT_PANEL, quantize_option, quantize_t5_option
+from .cli_weights import (ckpt_dir_option, dit_config_option, high_noise_option, low_noise_option, t5_option,
+                          tokenizer_option, vae_option, weight_sources)
 from .errors import UserInputError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -131,8 +134,7 @@ def _global(
                     "accepted too. Global options may follow the command.")
 @handles_errors
 def i2v(
-    ckpt_dir: Path = typer.Option(..., "--ckpt-dir", rich_help_panel=INPUTS,
-                                  help="Released Wan2.2-I2V-A14B checkpoint directory."),
+    ckpt_dir: Optional[Path] = ckpt_dir_option(INPUTS),
     image: Path = typer.Option(..., "--image", rich_help_panel=INPUTS,
                                help="Input image (any format PIL reads; EXIF orientation applied)."),
     prompt: str = typer.Option(..., "--prompt", rich_help_panel=INPUTS, help="Text prompt."),
@@ -155,7 +157,7 @@ def i2v(
     dtype: Optional[str] = typer.Option(None, "--dtype", rich_help_panel=PERFORMANCE, show_default="bfloat16",
                                         help="float32, bfloat16 or float16 (DiT and T5)."),
     kernel_backend: str = typer.Option("auto", "--kernel-backend", rich_help_panel=PERFORMANCE,
-                                       help="auto, reference, cuda or npu."),
+                                       help="auto (WANENGINE_KERNEL_BACKEND if set, else by device), reference, torch (alias cuda) or npu."),
     offload_model: Optional[bool] = typer.Option(None, "--offload-model/--no-offload-model", metavar="", rich_help_panel=PERFORMANCE,
                                                  show_default="on for an accelerator, off on CPU",
                                                  help="Keep only the active expert on the device."),
@@ -177,6 +179,14 @@ def i2v(
                                              help="Reference flag: the DiT runs in bfloat16 (the engine always "
                                                   "converts to --dtype)."),
     task: str = typer.Option("i2v-A14B", "--task", hidden=True, help="Reference flag; must be i2v-A14B."),
+    high_noise_model: Optional[Path] = high_noise_option(),
+    low_noise_model: Optional[Path] = low_noise_option(),
+    t5: Optional[Path] = t5_option(),
+    vae: Optional[Path] = vae_option(),
+    tokenizer: Optional[Path] = tokenizer_option(),
+    dit_config: Optional[Path] = dit_config_option(),
+    quantize: Optional[str] = quantize_option(),
+    quantize_t5: Optional[str] = quantize_t5_option(),
     step_cache: str = typer.Option("off", "--step-cache", rich_help_panel=STEP_CACHE,
                                    help="off, first-block or mag: skip DiT blocks on steps that change little."),
     cache_threshold: Optional[float] = typer.Option(None, "--cache-threshold", rich_help_panel=STEP_CACHE,
@@ -202,10 +212,12 @@ def i2v(
     opts = GenerationOptions(prompt=prompt, negative_prompt=negative_prompt, size=size, max_area=max_area,
                              frame_num=frame_num, steps=sample_steps, shift=sample_shift, solver=sample_solver,
                              guide_scale=guide_scale, seed=seed)
-    cfg = EngineConfig(ckpt_dir=str(ckpt_dir), device=device, dtype=resolve_dtype(dtype, convert_model_dtype),
+    sources = weight_sources(ckpt_dir, high_noise_model, low_noise_model, t5, vae, tokenizer, dit_config)
+    cfg = EngineConfig(**sources, device=device, dtype=resolve_dtype(dtype, convert_model_dtype),
                        kernel_backend=kernel_backend, offload_model=offload_model, t5_cpu=t5_cpu,
                        vae_tile_rows=vae_tile_rows, ulysses_size=ulysses_size, cfg_size=cfg_size, dit_fsdp=dit_fsdp,
-                       t5_fsdp=t5_fsdp, vae_parallel=vae_parallel, progress=_State.verbosity > 0)
+                       t5_fsdp=t5_fsdp, vae_parallel=vae_parallel, progress=_State.verbosity > 0,
+                       quantize=quantize, quantize_t5=quantize_t5)
     cfg = dataclasses.replace(cfg, step_cache=step_cache, cache_threshold=cache_threshold, cache_warmup=cache_warmup,
                               cache_max_skips=cache_max_skips, cache_table=str(cache_table) if cache_table else None)
     cfg.validate(), opts.validate()  # usage errors before torch is imported
@@ -250,14 +262,46 @@ def demo(
 @app.command()
 @handles_errors
 def info(
-    ckpt_dir: Path = typer.Option(..., "--ckpt-dir", help="Checkpoint directory."),
+    ckpt_dir: Optional[Path] = ckpt_dir_option(),
     as_json: bool = typer.Option(False, "--json", metavar="", help="Print JSON instead of a table."),
+    high_noise_model: Optional[Path] = high_noise_option(),
+    low_noise_model: Optional[Path] = low_noise_option(),
+    t5: Optional[Path] = t5_option(),
+    vae: Optional[Path] = vae_option(),
+    tokenizer: Optional[Path] = tokenizer_option(),
+    dit_config: Optional[Path] = dit_config_option(),
 ) -> None:
-    """What is in a checkpoint (component sizes, dtypes, configs) without loading weights."""
+    """What is in a checkpoint (component layouts, sizes, dtypes, configs) without loading weights."""
     from .io.inspect import describe_checkpoint, format_description
 
-    description = describe_checkpoint(ckpt_dir)
+    sources = weight_sources(ckpt_dir, high_noise_model, low_noise_model, t5, vae, tokenizer, dit_config)
+    description = describe_checkpoint(**sources)
+    for note in description.get("notes", []):
+        say(note, level=2)
     print(json.dumps(description, indent=1) if as_json else format_description(description))
+
+
+# --------------------------------------------------------------------------- convert
+@app.command()
+@handles_errors
+def convert(
+    out: Path = typer.Option(..., "--out", help="New (or empty) directory to write the released layout into."),
+    ckpt_dir: Optional[Path] = ckpt_dir_option(),
+    high_noise_model: Optional[Path] = high_noise_option(),
+    low_noise_model: Optional[Path] = low_noise_option(),
+    t5: Optional[Path] = t5_option(),
+    vae: Optional[Path] = vae_option(),
+    tokenizer: Optional[Path] = tokenizer_option(),
+    dit_config: Optional[Path] = dit_config_option(),
+    quantize: Optional[str] = quantize_option("int8 or fp8: write the experts' block linears 8-bit "
+                                              "(default: 8-bit sources are dequantized to bfloat16)."),
+    quantize_t5: Optional[str] = quantize_t5_option(),
+) -> None:
+    """Write any layout as the released layout, tensor by tensor (stored dtypes kept)."""
+    from .io.convert import convert_checkpoint
+
+    sources = weight_sources(ckpt_dir, high_noise_model, low_noise_model, t5, vae, tokenizer, dit_config)
+    convert_checkpoint(out, **sources, say=say, quantize=quantize, quantize_t5=quantize_t5)
 
 
 # --------------------------------------------------------------------------- plan
@@ -311,6 +355,14 @@ def plan_command(
     as_json: bool = typer.Option(False, "--json", metavar="", rich_help_panel=OUTPUT, help="Print JSON instead of tables."),
     convert_model_dtype: bool = typer.Option(False, "--convert-model-dtype", metavar="", hidden=True),
     task: str = typer.Option("i2v-A14B", "--task", hidden=True),
+    weights: Optional[str] = typer.Option(None, "--weights", rich_help_panel=QUANT_PANEL,
+                                          show_default="--quantize, else the run dtype",
+                                          help="int8 or fp8: the experts' block linears in 8 bits."),
+    t5_weights: Optional[str] = typer.Option(None, "--t5-weights", rich_help_panel=QUANT_PANEL,
+                                             show_default="--quantize-t5, else the run dtype",
+                                             help="int8 or fp8: the text encoder's block linears in 8 bits."),
+    quantize: Optional[str] = quantize_option("As for i2v: the experts quantized at load (sets --weights)."),
+    quantize_t5: Optional[str] = quantize_t5_option("As for i2v (sets --t5-weights)."),
     step_cache: str = typer.Option("off", "--step-cache", rich_help_panel=STEP_CACHE,
                                    help="off, first-block or mag: adds the memory of its saved residuals."),
 ) -> None:
@@ -326,7 +378,8 @@ def plan_command(
                        dit_fsdp=dit_fsdp, t5_fsdp=t5_fsdp, t5_cpu=t5_cpu, offload=offload_model, cfg_batch=cfg_batch,
                        dtype=resolve_dtype(dtype, convert_model_dtype), vae_parallel=vae_parallel, device=hardware,
                        device_peak_tflops=peak_tflops, device_memory_gb=memory_gb, efficiency=efficiency,
-                       link_gbps=link_gbps, placement=device, step_cache=step_cache)
+                       link_gbps=link_gbps, placement=device, weights=weights or quantize,
+                       t5_weights=t5_weights or quantize_t5, step_cache=step_cache)
     print(json.dumps(dataclasses.asdict(result), indent=2, default=str) if as_json else format_plan(result))
 
 

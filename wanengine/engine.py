@@ -1,4 +1,4 @@
-"""`Engine(cfg).i2v(image, prompt)`: loads the components of a released checkpoint once and
+"""`Engine(cfg).i2v(image, prompt)`: loads the components of a checkpoint (any layout) once and
 runs the image-to-video pipeline, returning a `Video`.
 
 Order of work: validate the configuration and preflight the checkpoint (no weights read),
@@ -56,8 +56,11 @@ class Engine:
         prepare_device(self.device)
         self.dtype = resolve_dtype(cfg.dtype)
         self.vae_dtype = resolve_dtype(cfg.vae_dtype)
-        self.layout = preflight_checkpoint(cfg.ckpt_dir)
-        self.kernel_backend = kernels.configure(cfg.kernel_backend, self.device)
+        self.layout = preflight_checkpoint(cfg.ckpt_dir, cfg.component_overrides(), cfg.dit_config)
+        # This engine's own kernels, bound around its work (`kernels.using_own_kernels`): another
+        # engine in the process, with another backend, cannot switch them.
+        self.kernel_set = kernels.select(cfg.kernel_backend, self.device)
+        self.kernel_backend = self.kernel_set.name
         self.offload = cfg.offload_model if cfg.offload_model is not None else self.device.type != "cpu"
         self.stage_log = StageLog(enabled=cfg.progress)  # one progress line per stage on stderr
         self.load_timer = StageTimer(synchronizer(self.device), log=self.stage_log)
@@ -68,14 +71,14 @@ class Engine:
 
     # ------------------------------------------------------------------ loading
     def _load(self) -> None:
-        from .models import load_tokenizer, load_vae
+        from .models import Tokenizer, load_vae
 
         def stage(name: str, *paths: Path):  # a load stage with its bytes on disk (for a GB/s figure)
             nbytes = sum(map(bytes_on_disk, paths))
             return self.load_timer.stage(name, f"({human_bytes(nbytes)})", nbytes=nbytes)
 
-        with stage("load tokenizer", self.layout.tokenizer_dir):
-            self.tokenizer = load_tokenizer(self.layout.root)
+        with stage("load tokenizer", self.layout.tokenizer):
+            self.tokenizer = Tokenizer(self.layout.tokenizer)
         with stage("load text encoder", self.layout.t5):
             self.t5 = self.load_text_encoder()
         with stage("load VAE", self.layout.vae):
@@ -87,22 +90,32 @@ class Engine:
         """UMT5 on the device, or on the host with `t5_cpu` or offload. With offload (and not
         `t5_cpu`) it visits the device only to encode; its host copy stays, so leaving the
         device is dropping the device tensors, not copying 11 GB back."""
-        from .models import load_t5
+        from .quant.loading import load_t5  # models.load_t5, plus 8-bit encoders and --quantize-t5
 
         home = torch.device("cpu") if (self.cfg.t5_cpu or self.offload) else self.device
-        t5 = load_t5(self.layout.t5, device=home, dtype=self.dtype)
+        t5 = load_t5(self.layout.t5, device=home, dtype=self.dtype, quantize=self.quantize_dtype("quantize_t5"))
         visits = self.offload and not self.cfg.t5_cpu
         self.t5_visits = ExpertSwitcher({"t5": t5}, self.device, offload=True) if visits else None
         return t5
 
     def load_experts(self) -> Dict[str, nn.Module]:
         """Both experts, on the host with offload (the switcher moves one in at a time)."""
-        from .models import load_dit
+        from .quant.loading import load_expert  # load_dit, plus 8-bit experts and --quantize
 
         home = torch.device("cpu") if self.offload else self.device
-        return {name: load_dit(self.layout.expert(name), device=home, dtype=self.dtype) for name in EXPERTS}
+        quantize = self.quantize_dtype("quantize")
+        return {name: load_expert(self.layout.expert(name), device=home, dtype=self.dtype, quantize=quantize,
+                                  config_file=self.layout.dit_config) for name in EXPERTS}
+
+    def quantize_dtype(self, option: str) -> Optional[torch.dtype]:
+        """The 8-bit storage dtype `--quantize` / `--quantize-t5` asks for, or None."""
+        from .quant.schemes import resolve_quant_dtype
+
+        name = getattr(self.cfg, option)
+        return resolve_quant_dtype(name, f"--{option.replace('_', '-')}") if name else None
 
     # ------------------------------------------------------------------ stages
+    @kernels.using_own_kernels
     def encode_text(self, prompts: Sequence[str]) -> Tuple[torch.Tensor, ...]:
         """Prompts -> per-prompt UMT5 rows `[n_i, 4096]` on the run device."""
         t5_device = torch.device("cpu") if self.cfg.t5_cpu else self.device
@@ -114,6 +127,7 @@ class Engine:
             self.t5_visits.release()  # T5 leaves the accelerator once the prompts are encoded
         return tuple(r.to(self.device) for r in rows)
 
+    @kernels.using_own_kernels
     def encode_image(self, image: torch.Tensor, frames: int, lat_h: int, lat_w: int, frame_num: int) -> torch.Tensor:
         """`[3, H0, W0]` in [-1, 1] -> conditioning `y [20, F', lat_h, lat_w]` (mask + VAE latent)."""
         video = conditioning_video(image.to(self.device), 8 * lat_h, 8 * lat_w, frame_num)
@@ -121,6 +135,7 @@ class Engine:
             latent = self.vae.encode(video.to(self.vae_dtype)).float()
         return torch.cat([first_frame_mask(frames, lat_h, lat_w, self.device), latent], dim=0)
 
+    @kernels.using_own_kernels
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return self.vae.decode(latent.to(self.vae_dtype), tile_rows=self.cfg.vae_tile_rows).float()
@@ -149,6 +164,7 @@ class Engine:
                                  guide_scale=guide_scale, seed=seed).validate()
         return self.generate(open_image(image), opts, on_step=on_step)
 
+    @kernels.using_own_kernels
     def generate(self, image, opts: GenerationOptions, *, on_step=None) -> Video:
         """`i2v` on an already opened RGB PIL image and validated options."""
         timer = StageTimer(synchronizer(self.device), log=self.stage_log)

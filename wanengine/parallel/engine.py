@@ -74,13 +74,16 @@ class ParallelEngine(Engine):
         if not self.cfg.t5_fsdp:
             return super().load_text_encoder()
         self.t5_visits = None  # sharded over the devices, it stays there
-        return load_t5_sharded(self.layout.t5, device=self.device, dtype=self.dtype, mesh=self._mesh)
+        return load_t5_sharded(self.layout.t5, device=self.device, dtype=self.dtype, mesh=self._mesh,
+                               quantize=self.quantize_dtype("quantize_t5"))
 
     def load_experts(self) -> Dict[str, nn.Module]:
         if not self.cfg.dit_fsdp:
             return {name: self._ulysses(expert) for name, expert in super().load_experts().items()}
         return {name: load_dit_sharded(self.layout.expert(name), device=self.device, dtype=self.dtype,
-                                       mesh=self._mesh, prepare=self._ulysses) for name in EXPERTS}
+                                       mesh=self._mesh, prepare=self._ulysses,
+                                       config_file=self.layout.dit_config, quantize=self.quantize_dtype("quantize"))
+                for name in EXPERTS}
 
     # ------------------------------------------------------------------ stages
     def encode_text(self, prompts):
