@@ -397,6 +397,12 @@ def read_aspect(image: Path) -> float:
     return height / width
 
 
+# --------------------------------------------------------------------------- serve
+from .serve.command import serve as _serve  # noqa: E402  (its options live in wanengine/serve/command.py)
+
+app.command("serve")(handles_errors(_serve))
+
+
 # --------------------------------------------------------------------------- calibrate-cache
 from .cache.command import calibrate_cache  # noqa: E402 (a command module; imports no torch)
 
