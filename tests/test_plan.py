@@ -208,7 +208,7 @@ def test_device_presets():
     (dict(device="tpu"), "--hardware"),
     (dict(device="cpu", device_peak_tflops=-1.0), "--peak-tflops"),
     (dict(efficiency=1.5), "--efficiency"),
-    (dict(size="1280x"), "--size"),
+    (dict(size="1280x"), "size"),  # parsed by config.parse_size, which names the argument
     (dict(image_aspect=-1.0), "--image-aspect"),
 ])
 def test_invalid_combinations_raise_one_line(kwargs, flag):
@@ -260,3 +260,49 @@ def test_format_plan_is_a_readable_table():
     warned = format_plan(make_plan(cfg=False, cfg_size=2))
     assert "Warnings" in warned and "Time estimate" not in warned
     json.dumps(dataclasses.asdict(make_plan()))  # plain data, ready for --json
+
+
+# --------------------------------------------------------------------------- placement and efficiency
+def test_memory_follows_the_engine_placement_on_each_device_kind():
+    """The engine keeps both experts on the CPU (no offload there) and offloads on a single
+    accelerator; the plan must place the weights the same way."""
+    cpu = make_plan(device="cpu", dtype="float32")  # the released 14B experts in float32 on the host
+    assert cpu.placement == "cpu" and not cpu.offload
+    assert _row(cpu, "DiT weights (2 experts)")[3] == 2 * count_dit_params(**DIT)[0] * 4
+    assert 150 * GB < cpu.memory.peak < 180 * GB  # ~164 GB, not the 84 GB of an offloaded layout
+    assert 75 * GB < make_plan(device="cpu", dtype="float32", offload=True).memory.peak < 95 * GB
+    assert make_plan(placement="cpu").offload is False and make_plan(placement="cuda:1").offload is True
+    assert make_plan(device="h200").offload and not make_plan(device="h200", ulysses_size=8, dit_fsdp=True).offload
+    assert make_plan(device="h100", ulysses_size=8).offload  # replicated experts swap, as the engine does
+    with pytest.raises(ConfigError, match="--device"):
+        make_plan(placement="tpu")
+    with pytest.raises(ConfigError, match="--dit-fsdp"):
+        make_plan(ulysses_size=8, dit_fsdp=True, offload=True)
+    assert not any("float32 weights on an accelerator" in w for w in cpu.warnings)
+
+
+def test_efficiency_defaults_per_device_with_their_source():
+    h200 = make_plan(device="h200")
+    assert h200.efficiency == 0.61 and "measured" in h200.efficiency_source
+    assert "docs/performance.md" in h200.efficiency_source
+    assert any("efficiency 0.61: measured" in a for a in h200.assumptions)
+    h100 = make_plan(device="h100")
+    assert h100.efficiency == 0.61 and "not measured on an H100" in h100.efficiency_source
+    a2 = make_plan(device="ascend-a2")
+    assert a2.efficiency == 0.40 and "assumed" in a2.efficiency_source
+    given = make_plan(device="h200", efficiency=0.5)
+    assert given.efficiency == 0.5 and given.efficiency_source == "given (--efficiency)"
+    assert given.timing.compute_per_step_s == pytest.approx(h200.timing.compute_per_step_s * 0.61 / 0.5)
+
+
+def test_host_memory_of_offloaded_weights():
+    expert = count_dit_params(**DIT)[0] * 2
+    t5 = count_t5_params(**constants()["umt5_xxl_encoder"]) * 2
+    single = make_plan(device="h200")  # offload: both experts' host copies and T5 stay in RAM
+    assert single.host_bytes_per_rank == 2 * expert + t5 and "host memory" in format_plan(single)
+    assert make_plan(device="h200", offload=False).host_bytes_per_rank == 0
+    assert make_plan(device="h200", offload=False, t5_cpu=True).host_bytes_per_rank == t5
+    assert make_plan(device="cpu").host_bytes_per_rank == 0  # the device is the host
+    replicated = make_plan(device="h100", ulysses_size=8)
+    assert any("each of the 8 ranks keeps" in w for w in replicated.warnings)
+    assert make_plan(device="h100", ulysses_size=8, dit_fsdp=True, t5_fsdp=True).host_bytes_per_rank == 0

@@ -46,7 +46,7 @@ def no_engine(monkeypatch):
     (["--max-upload-mb", "0"], "--max-upload-mb: must be positive"),
     (["--output-dir", "/nonexistent-parent/jobs"], "--output-dir: /nonexistent-parent/jobs: directory"),
     (["--ulysses-size", "2"], "multi-card runs need torchrun"),
-    (["--dtype", "float8"], "dtype (--dtype): 'float8' is not one of"),
+    (["--dtype", "float8"], "--dtype: 'float8' is not one of"),
 ])
 def test_bad_setup_is_one_line_and_exit_2(golden_ckpt, tmp_path, capsys, no_engine, extra, message):
     code, _, err = run(["serve", "--ckpt-dir", str(golden_ckpt), "--output-dir", str(tmp_path / "jobs"), *extra],

@@ -19,6 +19,10 @@ def test_cli_messages_name_the_request_fields():
     assert field_message("prompt (--prompt): must be a string") == "prompt: must be a string"
     assert field_message("--sample-steps: must be >= 1") == "sample_steps: must be >= 1"
     assert field_message("--guide-scale: bad") == "guide_scale: bad"
+    from wanengine.errors import InvalidArgument
+
+    assert field_message(InvalidArgument("steps", "must be >= 1, got 0")) == "sample_steps: must be >= 1, got 0"
+    assert field_message(InvalidArgument("frame_num", "6 is not of the form 4n+1")) == "frame_num: 6 is not of the form 4n+1"
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["Engine", "EngineConfig", "GenerationOptions", "Video", "__version__"]
+__all__ = ["Engine", "EngineConfig", "GenerationOptions", "Video", "StepInfo", "GenerationCancelled",
+           "InvalidArgument", "__version__"]
 
 
 def __getattr__(name: str) -> Any:  # lazy: `import wanengine` must not import torch eagerly
@@ -22,4 +23,10 @@ def __getattr__(name: str) -> Any:  # lazy: `import wanengine` must not import t
     if name == "Video":
         from .io.video import Video
         return Video
+    if name == "StepInfo":  # what on_step receives
+        from .pipeline import StepInfo
+        return StepInfo
+    if name in ("GenerationCancelled", "InvalidArgument"):
+        from . import errors
+        return getattr(errors, name)
     raise AttributeError(f"module 'wanengine' has no attribute {name!r}")

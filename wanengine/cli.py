@@ -25,8 +25,28 @@ from .cli_quant import PANEL as QUANT_PANEL, quantize_option, quantize_t5_option
 from .cli_weights import (ckpt_dir_option, dit_config_option, high_noise_option, low_noise_option, t5_option,
                           tokenizer_option, vae_option, weight_sources)
 from .errors import UserInputError
+from .runtime_env import is_lead_rank
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+
+class _PlainHelpFlag:
+    """Shows --help/-h as the plain flag it is (typer would print a `<bool>` value)."""
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)  # type: ignore[misc]
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
+class Command(_PlainHelpFlag, typer.core.TyperCommand):
+    """The class of every wanengine command (`@app.command(cls=Command)`)."""
+
+
+class Group(_PlainHelpFlag, typer.core.TyperGroup):
+    pass
+
+
+app = typer.Typer(cls=Group, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   context_settings={"help_option_names": ["-h", "--help"]},
                   help="wanengine: Wan2.2-I2V-A14B image-to-video inference (Ascend NPU, CUDA, CPU).\n\n"
                        "Global options (--quiet/-q, --verbose/-v, --debug) may also follow the command.")
@@ -52,23 +72,18 @@ def say(message: str, level: int = 1) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def lead_rank() -> bool:
-    """True except on the ranks 1.. of a torchrun job (they stay quiet about errors)."""
-    return os.environ.get("RANK", "0") in ("", "0")
-
-
 def fail(message: str, code: int) -> None:
     """One error line (on rank 0 only; other ranks show theirs with --verbose), then exit `code`."""
-    if lead_rank():
+    if is_lead_rank():
         print(f"wanengine: error: {message}", file=sys.stderr, flush=True)
     elif _State.verbosity >= 2:
         print(f"wanengine: rank {os.environ.get('RANK')}: error: {message}", file=sys.stderr, flush=True)
     raise typer.Exit(code)
 
 
-# Library argument names -> the CLI flag a user typed (errors name the argument, see errors.py).
-ARGUMENT_FLAGS = {"steps": "--sample-steps", "shift": "--sample-shift", "solver": "--sample-solver",
-                  "seed": "--seed", "guide_scale": "--guide-scale", "path": "--out"}
+# Library argument names whose CLI flag is not "--" + the name in kebab case (errors name the
+# argument, see errors.InvalidArgument; the CLI prints the flag the user typed).
+ARGUMENT_FLAGS = {"steps": "--sample-steps", "shift": "--sample-shift", "solver": "--sample-solver"}
 
 
 def flag_for(argument: str) -> str:
@@ -78,7 +93,7 @@ def flag_for(argument: str) -> str:
 def user_message(exc: UserInputError) -> str:
     """The message of a user error, with a library argument name replaced by its CLI flag."""
     argument = getattr(exc, "argument", None)
-    detail = getattr(exc, "detail", None)
+    detail = getattr(exc, "cli_detail", None) or getattr(exc, "detail", None)
     if argument and detail is not None:
         return f"{flag_for(argument)}: {detail}"
     return str(exc)
@@ -98,7 +113,7 @@ def handles_errors(command: Callable) -> Callable:
                 raise
             fail(user_message(exc), 2)
         except KeyboardInterrupt:
-            if lead_rank():
+            if is_lead_rank():
                 print("wanengine: interrupted; no output was written", file=sys.stderr)
             raise typer.Exit(130)
         except Exception as exc:  # runtime failure: one line unless --debug
@@ -110,9 +125,24 @@ def handles_errors(command: Callable) -> Callable:
     return wrapper
 
 
+def version_line() -> str:
+    """wanengine's version with torch's (and torch_npu's) from the package metadata: nothing
+    is imported, so it answers at once even where torch is broken."""
+    from importlib import metadata
+
+    parts = [f"python {sys.version.split()[0]}"]
+    for package in ("torch", "torch_npu"):
+        try:
+            parts.append(f"{package} {metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            if package == "torch":
+                parts.append("torch not installed")
+    return f"wanengine {__version__} ({', '.join(parts)})"
+
+
 def _show_version(value: bool) -> None:
     if value:
-        print(f"wanengine {__version__}")
+        print(version_line())
         raise typer.Exit(0)
 
 
@@ -129,7 +159,7 @@ def _global(
 
 
 # --------------------------------------------------------------------------- i2v
-@app.command(epilog="The reference's spellings (--ckpt_dir, --frame_num, --sample_steps, --base_seed, "
+@app.command(cls=Command, epilog="The reference's spellings (--ckpt_dir, --frame_num, --sample_steps, --base_seed, "
                     "--save_file, --offload_model True, --convert_model_dtype, --task i2v-A14B, ...) are "
                     "accepted too. Global options may follow the command.")
 @handles_errors
@@ -244,22 +274,41 @@ def resolve_dtype(dtype: Optional[str], convert_model_dtype: bool) -> str:
 
 
 # --------------------------------------------------------------------------- demo
-@app.command()
+@app.command(cls=Command)
 @handles_errors
 def demo(
     out: Path = typer.Option(Path("demo.mp4"), "--out", help="Where to write the demo video (.mp4 or .safetensors)."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", show_default="$WANENGINE_CACHE or ~/.cache/wanengine",
                                              help="Where the random demo checkpoint is kept."),
     seed: int = typer.Option(42, "--seed", help="Seed of the generation."),
+    device: Optional[str] = typer.Option(None, "--device", show_default="npu > cuda > cpu",
+                                         help="cpu, cuda[:N] or npu[:N]: the device to check."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", show_default="float32 on CPU, else bfloat16",
+                                        help="float32, bfloat16 or float16."),
 ) -> None:
-    """Run the whole pipeline on a small random-weight checkpoint (no downloads, < 1 minute on CPU)."""
+    """Run the whole pipeline on a small random-weight checkpoint (no downloads, < 1 minute on CPU).
+
+    Writes the video, the generated input image (<stem>_input.png) and a preview
+    (<stem>_preview.png: input | first frame | last frame)."""
+    from .config import EngineConfig
+
+    import time
+
+    from .clock import process_age
+    from .config import EngineConfig
+
+    startup = process_age()
+    EngineConfig(ckpt_dir=".", device=device, dtype=dtype or "float32").validate()  # usage errors before torch
+    start = time.perf_counter()
     from .demo import run_demo
 
-    run_demo(out, cache_dir=cache_dir, seed=seed, say=say, progress=_State.verbosity > 0)
+    timings = {"start-up": startup, "import torch": time.perf_counter() - start}
+    run_demo(out, cache_dir=cache_dir, seed=seed, say=say, progress=_State.verbosity > 0, device=device, dtype=dtype,
+             timings=timings)
 
 
 # --------------------------------------------------------------------------- info
-@app.command()
+@app.command(cls=Command)
 @handles_errors
 def info(
     ckpt_dir: Optional[Path] = ckpt_dir_option(),
@@ -282,7 +331,7 @@ def info(
 
 
 # --------------------------------------------------------------------------- convert
-@app.command()
+@app.command(cls=Command)
 @handles_errors
 def convert(
     out: Path = typer.Option(..., "--out", help="New (or empty) directory to write the released layout into."),
@@ -305,7 +354,7 @@ def convert(
 
 
 # --------------------------------------------------------------------------- plan
-@app.command("plan", epilog="Any i2v command line is accepted: options plan has no use for (--ckpt-dir, "
+@app.command("plan", cls=Command, epilog="Any i2v command line is accepted: options plan has no use for (--ckpt-dir, "
                             "--prompt, --seed, --out, ...) are ignored.")
 @handles_errors
 def plan_command(
@@ -313,7 +362,7 @@ def plan_command(
     max_area: Optional[int] = typer.Option(None, "--max-area", rich_help_panel=SAMPLING, show_default="W*H of --size",
                                            help="Pixel area of the frame (overrides --size)."),
     image: Optional[Path] = typer.Option(None, "--image", rich_help_panel=SAMPLING, show_default="the size's aspect",
-                                         help="Input image: only its aspect ratio is read (from the header)."),
+                                         help="Input image: only its aspect ratio is read (from the header), if it exists here."),
     image_aspect: Optional[float] = typer.Option(None, "--image-aspect", rich_help_panel=SAMPLING,
                                                  show_default="the size's", help="Input image height / width."),
     frame_num: int = typer.Option(81, "--frame-num", rich_help_panel=SAMPLING, help="Frames, 4n+1."),
@@ -383,8 +432,9 @@ def plan_command(
     print(json.dumps(dataclasses.asdict(result), indent=2, default=str) if as_json else format_plan(result))
 
 
-def read_aspect(image: Path) -> float:
-    """height / width of an image file, from its header (EXIF orientation applied)."""
+def read_aspect(image: Path) -> Optional[float]:
+    """height / width of an image file, from its header (EXIF orientation applied); None, with
+    a note, when it cannot be read here (a command line pasted from another machine)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -393,7 +443,8 @@ def read_aspect(image: Path) -> float:
             if handle.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # rotated by 90 degrees
                 width, height = height, width
     except (OSError, UnidentifiedImageError) as exc:
-        raise UserInputError(f"--image: {image}: not a readable image ({exc})") from None
+        say(f"plan: --image {image} cannot be read here ({type(exc).__name__}); using the aspect of --size")
+        return None
     return height / width
 
 
@@ -419,7 +470,7 @@ def run_app(args: List[str]) -> int:
         command = exc.ctx.command_path if exc.ctx is not None else "wanengine"
         return _report(f"{exc.format_message()} (see '{command} --help')")
     except typer.Abort:
-        if lead_rank():
+        if is_lead_rank():
             print("wanengine: interrupted; no output was written", file=sys.stderr)
         return 130
     except typer.Exit as exc:

@@ -1,6 +1,6 @@
 """Configuration as data: what the engine is built with (`EngineConfig`) and what one video
 is generated with (`GenerationOptions`). Both are frozen dataclasses whose `validate()`
-raises one `ConfigError` line naming the option (and its CLI flag) and what is wrong.
+raises one `InvalidArgument` (a `ValueError`) naming the field and what is wrong.
 Defaults come from the reference release's `constants.json` (via `wanengine.constants`).
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 
 from .cache.options import validate_cache_options
 from .constants import constants, defaults
-from .errors import ConfigError
+from .errors import InvalidArgument
 
 DTYPES = ("float32", "bfloat16", "float16")
 SOLVERS = ("unipc", "dpm++")
@@ -89,27 +89,27 @@ class EngineConfig:
 
     def validate(self) -> "EngineConfig":
         if not self.ckpt_dir and not all(self.component_overrides().values()):
-            lacking = ", ".join(f"--{n.replace('_', '-')}" for n, v in self.component_overrides().items() if not v)
-            raise ConfigError(f"ckpt_dir (--ckpt-dir): no checkpoint directory given, and no {lacking} "
-                              "to take those components from")
+            lacking = [name for name, value in self.component_overrides().items() if not value]
+            detail = "no checkpoint directory given, and no {} to take those components from"
+            raise InvalidArgument("ckpt_dir", detail.format(", ".join(lacking)),
+                                  cli_detail=detail.format(", ".join("--" + n.replace("_", "-") for n in lacking)))
         for name in ("dtype", "vae_dtype"):
             if getattr(self, name) not in DTYPES:
-                raise ConfigError(f"{name} (--{name.replace('_', '-')}): {getattr(self, name)!r} is not one of {', '.join(DTYPES)}")
+                raise InvalidArgument(name, f"{getattr(self, name)!r} is not one of {', '.join(DTYPES)}")
         if self.kernel_backend not in KERNEL_BACKENDS:
-            raise ConfigError(f"kernel_backend (--kernel-backend): {self.kernel_backend!r} is not one of {', '.join(KERNEL_BACKENDS)}")
+            raise InvalidArgument("kernel_backend", f"{self.kernel_backend!r} is not one of {', '.join(KERNEL_BACKENDS)}")
         if self.device is not None and not re.fullmatch(r"(cpu|cuda|npu)(:\d+)?", self.device):
-            raise ConfigError(f"device (--device): {self.device!r} is not cpu, cuda[:N] or npu[:N]")
+            raise InvalidArgument("device", f"{self.device!r} is not cpu, cuda[:N] or npu[:N]")
         for name in ("ulysses_size", "cfg_size"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"{name} (--{name.replace('_', '-')}): must be >= 1, got {getattr(self, name)}")
+                raise InvalidArgument(name, f"must be >= 1, got {getattr(self, name)}")
         if self.cfg_size not in (1, 2):
-            raise ConfigError(f"cfg_size (--cfg-size): must be 1 or 2 (two guidance branches), got {self.cfg_size}")
+            raise InvalidArgument("cfg_size", f"must be 1 or 2 (two guidance branches), got {self.cfg_size}")
         if self.vae_tile_rows is not None and self.vae_tile_rows < 1:
-            raise ConfigError(f"vae_tile_rows: must be >= 1, got {self.vae_tile_rows}")
+            raise InvalidArgument("vae_tile_rows", f"must be >= 1, got {self.vae_tile_rows}")
         for name in ("quantize", "quantize_t5"):
             if getattr(self, name) is not None and getattr(self, name) not in QUANTIZE_FORMATS:
-                raise ConfigError(f"{name} (--{name.replace('_', '-')}): {getattr(self, name)!r} is not one of "
-                                  f"{', '.join(QUANTIZE_FORMATS)}")
+                raise InvalidArgument(name, f"{getattr(self, name)!r} is not one of {', '.join(QUANTIZE_FORMATS)}")
         validate_cache_options(self)
         return self
 
@@ -122,14 +122,16 @@ class EngineConfig:
         return self.world_size > 1 or self.dit_fsdp or self.t5_fsdp or self.vae_parallel
 
 
-def parse_size(size: str) -> Tuple[int, int]:
-    """'W*H' (also 'WxH') -> (W, H), or a ConfigError naming --size."""
-    match = re.fullmatch(r"\s*(\d+)\s*[*xX]\s*(\d+)\s*", size or "")
+def parse_size(size: Union[str, Sequence[int]]) -> Tuple[int, int]:
+    """'W*H' (also 'WxH') or a (W, H) pair -> (W, H), or an InvalidArgument naming `size`."""
+    if isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(n, int) for n in size):
+        size = f"{size[0]}*{size[1]}"
+    match = re.fullmatch(r"\s*(\d+)\s*[*xX]\s*(\d+)\s*", size if isinstance(size, str) else "")
     if not match:
-        raise ConfigError(f"--size: {size!r} is not of the form W*H (e.g. 1280*720 or 832*480)")
+        raise InvalidArgument("size", f"{size!r} is not of the form W*H (e.g. 1280*720 or 832*480)")
     width, height = int(match.group(1)), int(match.group(2))
     if width <= 0 or height <= 0:
-        raise ConfigError(f"--size: {size!r} must have a positive width and height")
+        raise InvalidArgument("size", f"{size!r} must have a positive width and height")
     return width, height
 
 
@@ -140,7 +142,7 @@ def parse_guide_scale(value: Union[float, str, Sequence[float]]) -> Tuple[float,
         try:
             numbers = [float(p) for p in parts]
         except ValueError:
-            raise ConfigError(f"--guide-scale: {value!r} is not a number or LOW,HIGH pair") from None
+            raise InvalidArgument("guide_scale", f"{value!r} is not a number or LOW,HIGH pair") from None
     elif isinstance(value, (int, float)):
         numbers = [float(value)]
     else:
@@ -148,9 +150,9 @@ def parse_guide_scale(value: Union[float, str, Sequence[float]]) -> Tuple[float,
     if len(numbers) == 1:
         numbers = numbers * 2
     if len(numbers) != 2:
-        raise ConfigError(f"--guide-scale: give one value or LOW,HIGH, got {value!r}")
+        raise InvalidArgument("guide_scale", f"give one value or LOW,HIGH, got {value!r}")
     if not all(math.isfinite(n) for n in numbers):
-        raise ConfigError(f"--guide-scale: guidance must be finite, got {value!r}")
+        raise InvalidArgument("guide_scale", f"guidance must be finite, got {value!r}")
     return numbers[0], numbers[1]
 
 
@@ -160,7 +162,7 @@ class GenerationOptions:
 
     prompt: str
     negative_prompt: Optional[str] = None
-    size: Optional[str] = None
+    size: Optional[Union[str, Tuple[int, int]]] = None  # "W*H" or (W, H)
     max_area: Optional[int] = None
     frame_num: int = field(default_factory=lambda: defaults()["frame_num"])
     steps: int = field(default_factory=lambda: defaults()["sample_steps"])
@@ -171,19 +173,19 @@ class GenerationOptions:
 
     def validate(self) -> "GenerationOptions":
         if not isinstance(self.prompt, str):
-            raise ConfigError("prompt (--prompt): must be a string")
+            raise InvalidArgument("prompt", f"must be a string, got {type(self.prompt).__name__}")
         if self.size is not None:
             parse_size(self.size)
         if self.max_area is not None and self.max_area <= 0:
-            raise ConfigError(f"--max-area: must be positive, got {self.max_area}")
+            raise InvalidArgument("max_area", f"must be positive, got {self.max_area}")
         if self.frame_num < 1 or (self.frame_num - 1) % 4 != 0:
-            raise ConfigError(f"--frame-num: {self.frame_num} is not of the form 4n+1 (e.g. 81, 49, 17, 5, 1)")
+            raise InvalidArgument("frame_num", f"{self.frame_num} is not of the form 4n+1 (e.g. 81, 49, 17, 5, 1)")
         if self.steps < 1:
-            raise ConfigError(f"--sample-steps: must be >= 1, got {self.steps}")
+            raise InvalidArgument("steps", f"must be >= 1, got {self.steps}")
         if not (math.isfinite(self.shift) and self.shift > 0):
-            raise ConfigError(f"--sample-shift: must be a positive number, got {self.shift}")
+            raise InvalidArgument("shift", f"must be a positive number, got {self.shift}")
         if self.solver not in SOLVERS:
-            raise ConfigError(f"--sample-solver: unknown solver {self.solver!r}; choose unipc or dpm++")
+            raise InvalidArgument("solver", f"unknown solver {self.solver!r}; choose unipc or dpm++")
         parse_guide_scale(self.guide_scale)
         return self
 
@@ -212,12 +214,12 @@ class GenerationOptions:
 
 def latent_grid(image_height: int, image_width: int, max_area: int, frame_num: int) -> Tuple[int, int, int]:
     """(latent frames F', lat_h, lat_w) following the image's aspect within max_area (spec
-    pipeline.md 1.); raises ConfigError if the area leaves no latent row or column."""
+    pipeline.md 1.); raises InvalidArgument (`max_area`) if the area leaves no latent row or column."""
     aspect = image_height / image_width
     lat_h = round(math.floor(math.floor(math.sqrt(max_area * aspect) / VAE_STRIDE[1]) / PATCH[1]) * PATCH[1])
     lat_w = round(math.floor(math.floor(math.sqrt(max_area / aspect) / VAE_STRIDE[2]) / PATCH[2]) * PATCH[2])
     if lat_h < PATCH[1] or lat_w < PATCH[2]:
-        raise ConfigError(
-            f"--max-area: {max_area} is too small for a {image_width}x{image_height} image "
+        raise InvalidArgument(
+            "max_area", f"{max_area} is too small for a {image_width}x{image_height} image "
             f"(gives a {lat_w * 8}x{lat_h * 8} frame; needs at least 16x16 pixels of output)")
     return (frame_num - 1) // VAE_STRIDE[0] + 1, lat_h, lat_w

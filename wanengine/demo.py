@@ -11,9 +11,12 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import TYPE_CHECKING, Callable, Dict, Optional, Tuple
 
 import torch
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 DEMO_VERSION = "v1"
 DEMO_PROMPT = "A sunny beach at noon, gentle waves rolling in, a small boat drifting on the sea."
@@ -134,27 +137,79 @@ def demo_image(width: int = 320, height: int = 256):
 
 
 def run_demo(out: Path, *, cache_dir: Optional[Path] = None, seed: int = 42,
-             say: Callable[[str], None] = print, progress: bool = True) -> Path:
-    """Write (once) the demo checkpoint, run the full pipeline on CPU and write `out`."""
-    import time
+             say: Callable[[str], None] = print, progress: bool = True, device: Optional[str] = None,
+             dtype: Optional[str] = None, timings: Optional[Dict[str, float]] = None) -> Path:
+    """Write (once) the demo checkpoint, run the full pipeline on `device` (default: the best
+    available, as `i2v`) in `dtype` (default: float32 on the CPU, bfloat16 on an accelerator)
+    and write `out`, the input image beside it (`<stem>_input.png`) and a side-by-side
+    preview (`<stem>_preview.png`: input | first frame | last frame). `timings`: stages before
+    this call (the CLI's start-up and import), the first rows of the stage table."""
+    from dataclasses import replace
 
+    from .clock import process_age
     from .config import EngineConfig
+    from .device import resolve_device
     from .engine import Engine
     from .io.video import check_output_path
-    from .run import stage_table
+    from .stage_log import StageLog
+    from .timing import StageTimer
 
     out = check_output_path(out)
-    start = time.perf_counter()
-    ckpt = demo_checkpoint(cache_dir)
-    prepared = time.perf_counter() - start
+    resolved = resolve_device(device)
+    dtype = dtype or ("float32" if resolved.type == "cpu" else "bfloat16")
+    cfg = EngineConfig(ckpt_dir=".", device=str(resolved), dtype=dtype, progress=progress).validate()
+    timer = StageTimer(log=StageLog(enabled=progress))
+    for name, seconds in (timings or {"start-up": process_age()}).items():
+        timer.add(name, seconds)
+    with timer.stage("prepare checkpoint"):
+        ckpt = demo_checkpoint(cache_dir)
     say(f"demo checkpoint: {ckpt}")
-    engine = Engine(EngineConfig(ckpt_dir=str(ckpt), device="cpu", dtype="float32", progress=progress))
-    video = engine.i2v(demo_image(), DEMO_PROMPT, seed=seed, **DEMO_SETTINGS)
-    write_start = time.perf_counter()
-    video.save(out)
-    timings = {"prepare checkpoint": prepared, **video.metadata["timings_s"], "write": time.perf_counter() - write_start}
-    say(f"wrote {out}: {video.num_frames} frames of {video.tensor.shape[3]}x{video.tensor.shape[2]} at {video.fps} fps, "
-        f"seed {video.seed}")
+    engine = Engine(replace(cfg, ckpt_dir=str(ckpt)))
+    for name, seconds in engine.load_timer.seconds.items():
+        timer.add(name, seconds)
+    image = demo_image()
+    video = engine.i2v(image, DEMO_PROMPT, seed=seed, **DEMO_SETTINGS)
+    for name, seconds in video.metadata["timings_s"].items():
+        if name != "load":
+            timer.add(name, seconds)
+    with timer.stage("write", f"{out} and its input and preview PNGs"):
+        video.save(out)
+        input_path, preview_path = companion_paths(out)
+        save_png(image, input_path)
+        save_png(side_by_side(image, video), preview_path)
+    width, height = video.size
+    say(f"wrote {out}: {video.num_frames} frames of {width}x{height} at {video.fps} fps on {engine.device} "
+        f"({dtype}, kernels {engine.kernel_backend}), seed {video.seed}; input {input_path.name}, "
+        f"preview {preview_path.name}")
     if progress:
-        say(stage_table(timings))
+        say(timer.table(wall=process_age()))
     return out
+
+
+def companion_paths(out: Path) -> Tuple[Path, Path]:
+    """Where the demo puts the input image and the preview next to `out`."""
+    return out.with_name(f"{out.stem}_input.png"), out.with_name(f"{out.stem}_preview.png")
+
+
+def side_by_side(image, video) -> "Image.Image":
+    """input | first frame | last frame, each at the video's frame size, 4 px white gaps,
+    scaled up 2x (nearest) when the frames are small."""
+    from PIL import Image
+
+    width, height = video.size
+    frames = video.to_pil()
+    panels = [image.convert("RGB").resize((width, height), Image.BICUBIC), frames[0], frames[-1]]
+    gap = 4
+    sheet = Image.new("RGB", (3 * width + 2 * gap, height), (255, 255, 255))
+    for index, panel in enumerate(panels):
+        sheet.paste(panel, (index * (width + gap), 0))
+    if height < 256:
+        sheet = sheet.resize((sheet.width * 2, sheet.height * 2), Image.NEAREST)
+    return sheet
+
+
+def save_png(image, path: Path) -> None:
+    from .io.video import atomic_path
+
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")

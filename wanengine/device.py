@@ -6,7 +6,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .errors import ConfigError
+from .errors import InvalidArgument
 
 DTYPE_BY_NAME = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -48,7 +48,7 @@ def npu_available() -> bool:
 
 def resolve_device(name: Optional[str]) -> torch.device:
     """None -> npu if available, else cuda if available, else cpu; a named accelerator that is
-    not available is a ConfigError."""
+    not available is an InvalidArgument (`device`)."""
     if name is None:
         if npu_available():
             return torch.device("npu")
@@ -57,10 +57,10 @@ def resolve_device(name: Optional[str]) -> torch.device:
         return torch.device("cpu")
     # Checked on the name: torch only knows the "npu" device type once torch_npu is imported.
     if name.split(":")[0] == "npu" and not npu_available():
-        raise ConfigError(f"--device {name}: no Ascend NPU (torch_npu) is available on this machine")
+        raise InvalidArgument("device", f"{name}: no Ascend NPU (torch_npu) is available on this machine")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: CUDA is not available on this machine")
+        raise InvalidArgument("device", f"{name}: CUDA is not available on this machine")
     return device
 
 
@@ -74,7 +74,7 @@ def resolve_dtype(name: str) -> torch.dtype:
     try:
         return DTYPE_BY_NAME[name]
     except KeyError:
-        raise ConfigError(f"--dtype: {name!r} is not one of {', '.join(DTYPE_BY_NAME)}") from None
+        raise InvalidArgument("dtype", f"{name!r} is not one of {', '.join(DTYPE_BY_NAME)}") from None
 
 
 def synchronizer(device: torch.device) -> Optional[Callable[[], None]]:

@@ -12,7 +12,7 @@ import random
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -28,7 +28,7 @@ from .io.image import ImageLike, image_to_tensor, open_image
 from .io.video import Video
 from .pipeline import (StepInfo, batched_cfg, conditioning_video, denoise, first_frame_mask, initial_noise,
                        seq_len_for, sequential_cfg)
-from .progress import StepProgress
+from .progress import ChunkProgress, StepProgress, vae_chunks
 from .schedulers import make_sampler
 from .stage_log import StageLog, human_bytes
 from .timing import StageTimer
@@ -146,7 +146,7 @@ class Engine:
         image: ImageLike,
         prompt: str,
         negative_prompt: Optional[str] = None,
-        size: Optional[str] = None,
+        size: Optional[Union[str, Tuple[int, int]]] = None,
         max_area: Optional[int] = None,
         frame_num: int = 81,
         steps: int = 40,
@@ -155,10 +155,22 @@ class Engine:
         guide_scale: Union[float, str, Tuple[float, float]] = (3.5, 3.5),
         seed: int = -1,
         *,
-        on_step=None,
+        on_step: Optional[Callable[[StepInfo, torch.Tensor], None]] = None,
     ) -> Video:
         """Generate a video from `image` and `prompt`; see `GenerationOptions` for the options.
-        `guide_scale` is one float or (low_noise, high_noise); `seed < 0` draws one."""
+
+        `image`: a path, encoded bytes, a PIL image, a numpy array or a torch tensor (see
+        `wanengine.io.image_input`). `guide_scale` is one float or (low_noise, high_noise);
+        `seed < 0` draws one (reported as `video.seed`).
+
+        `on_step(info, latent)`, if given, is called after every denoising step with a
+        `StepInfo` (index, timestep, expert, num_steps) and the current latent
+        `[16, F', H/8, W/8]` (on the run device; do not modify it). Raising
+        `wanengine.errors.GenerationCancelled` from it stops the run after that step: the
+        exception propagates out of `i2v` and the engine stays usable for the next call.
+
+        Invalid arguments raise `wanengine.errors.InvalidArgument` (a `ValueError`) naming the
+        argument, before any work is done."""
         opts = GenerationOptions(prompt=prompt, negative_prompt=negative_prompt, size=size, max_area=max_area,
                                  frame_num=frame_num, steps=steps, shift=shift, solver=solver,
                                  guide_scale=guide_scale, seed=seed).validate()
@@ -174,7 +186,9 @@ class Engine:
         seed = self.resolve_seed(opts.seed)
         with timer.stage("text encode", "(prompt and negative prompt)"):
             contexts = self.encode_text([opts.prompt, opts.resolved_negative_prompt])
-        with timer.stage("VAE encode", f"({image.width}x{image.height} -> {8 * lat_w}x{8 * lat_h}, {frames} latent frames)"):
+        encoding = ChunkProgress("VAE encode", frames, "chunks", self.stage_log)
+        with timer.stage("VAE encode", f"({image.width}x{image.height} -> {8 * lat_w}x{8 * lat_h}, "
+                                       f"{frames} latent frames)"), vae_chunks(self.vae, "encoder", encoding):
             y = self.encode_image(image_to_tensor(image), frames, lat_h, lat_w, opts.frame_num)
         sampler = make_sampler(opts.solver, opts.steps, opts.shift, device=self.device)
         noise = initial_noise(seed, (16, frames, lat_h, lat_w), self.device)
@@ -191,7 +205,9 @@ class Engine:
             latent = denoise(get_expert=get_expert, sampler=sampler, latent=noise, y=y, contexts=contexts,
                              seq_len=self.seq_len(noise.shape), guide_scale=opts.guidance,
                              guidance=self.guidance(), on_step=step_done, prefetch=self.experts.prefetch)
-        with timer.stage("VAE decode", f"({frames} latent frames -> {opts.frame_num} frames)"):
+        decoding = ChunkProgress("VAE decode", frames, "latent frames", self.stage_log)
+        with timer.stage("VAE decode", f"({frames} latent frames -> {opts.frame_num} frames)"), \
+                vae_chunks(self.vae, "decoder", decoding):
             video = self.decode(latent)
         metadata = self.metadata(opts, seed, timer)
         if cache_run is not None:

@@ -111,9 +111,16 @@ def next_expert_within(timesteps: Sequence[int], index: int, steps: int) -> Opti
 
 @dataclass
 class StepInfo:
+    """What `on_step(info, latent)` is told after each denoising step.
+
+    index: the step just finished, from 0; timestep: its sampler timestep (999 ... 0); expert:
+    the expert that ran it ("high_noise_model" or "low_noise_model"); num_steps: the steps of
+    the whole run (so `index + 1` of `num_steps` are done)."""
+
     index: int
     timestep: int
     expert: str
+    num_steps: int = 0
 
 
 def denoise(
@@ -158,14 +165,15 @@ def denoise(
             flow = guidance(expert, latent, t, contexts, y, seq_len, scale)
             latent = sampler.step(flow, t, latent)
         nonfinite[index] = ~torch.isfinite(latent).all()
-        info = StepInfo(index, t, name)
+        info = StepInfo(index, t, name, len(timesteps))
         if immediate and bool(nonfinite[index]):
             _raise_nonfinite(info, len(timesteps))
         if on_step is not None:
             on_step(info, latent)
     if not immediate and bool(nonfinite.any()):
         first = int(nonfinite.nonzero()[0, 0])
-        _raise_nonfinite(StepInfo(first, timesteps[first], expert_for(timesteps[first])), len(timesteps))
+        _raise_nonfinite(StepInfo(first, timesteps[first], expert_for(timesteps[first]), len(timesteps)),
+                         len(timesteps))
     return latent
 
 

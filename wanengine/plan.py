@@ -168,6 +168,7 @@ class Plan:
     assumptions: Tuple[str, ...]
     placement: str = "accelerator"   # "cpu" or "accelerator": where the weights live (see placement_kind)
     efficiency_source: str = ""
+    host_bytes_per_rank: float = 0.0  # weights the engine keeps in host RAM beside an accelerator
     weights: Optional[str] = None      # 8-bit expert block linears ("int8" / "fp8"), None: at dtype
     t5_weights: Optional[str] = None   # the same for the text encoder
     dit_bytes_per_expert: Optional[float] = None  # weight bytes of one expert / the text encoder,
@@ -271,7 +272,9 @@ def make_plan(size: Optional[str] = "1280*720", frame_num: int = 81, steps: int 
                         "dequantized just before its matmul adds one transient weight (<= 0.14 GB in bf16)",)
     if step_cache != "off":
         assumptions += (cache_assumption(step_cache),)
-    plan = Plan(size=f"{geometry.width}*{geometry.height}", frame_num=frame_num, steps=steps, solver=solver, cfg=cfg,
+    host = _host_bytes(kind, offload, t5_cpu, t5_fsdp, sizes["dit_bytes"], sizes["t5_bytes"])
+    plan = Plan(host_bytes_per_rank=host,
+                size=f"{geometry.width}*{geometry.height}", frame_num=frame_num, steps=steps, solver=solver, cfg=cfg,
                 world_size=world, ulysses_size=ulysses_size, cfg_size=cfg_size, dit_fsdp=dit_fsdp, t5_fsdp=t5_fsdp,
                 t5_cpu=t5_cpu, offload=offload, cfg_batch=cfg_batch, dtype=dtype, vae_parallel=vae_parallel,
                 device=preset.name if preset else None, peak_tflops=peak, efficiency=eff, link_gbps=link,
@@ -282,6 +285,19 @@ def make_plan(size: Optional[str] = "1280*720", frame_num: int = 81, steps: int 
     requested = parse_size(size) if size is not None and image_aspect is None and max_area is None else None
     without_offload = _memory(offload=False, capacity=capacity, **layout, **sizes) if offload else None
     return replace(plan, warnings=tuple(_warnings(plan, requested, preset, without_offload)))
+
+
+def _host_bytes(kind: str, offload: bool, t5_cpu: bool, t5_fsdp: bool, dit_bytes: float,
+                t5_bytes: float) -> float:
+    """Weights one rank keeps in host memory next to an accelerator: with offload the host copies
+    of both experts (`dit_bytes` each) stay for the whole run (moving one off the device only
+    drops its device tensors), and the text encoder lives there with offload or `t5_cpu`
+    (unless sharded)."""
+    if kind == "cpu":
+        return 0.0  # the device is the host: already in the memory table
+    experts = 2 * dit_bytes if offload else 0.0
+    text = t5_bytes if (offload or t5_cpu) and not t5_fsdp else 0.0
+    return experts + text
 
 
 def _preset(device: Optional[str]) -> Optional[DevicePreset]:
@@ -479,7 +495,7 @@ def _warnings(plan: Plan, requested: Optional[Tuple[int, int]], preset: Optional
                 and memory_without_offload.peak <= 0.9 * memory.capacity):
             out.append(f"offload is on although both experts fit ({memory_without_offload.peak / GB:.1f} GB "
                        f"peak without it); --no-offload-model saves the host/device expert swaps")
-    if plan.dtype == "float32" and (preset is None or preset.accelerator):
+    if plan.dtype == "float32" and plan.placement != "cpu":
         out.append("float32 weights on an accelerator: twice the bf16 memory and far below the bf16 "
                    "matrix peak the time estimate assumes (keep float32 for reference checks on the CPU)")
     if world == 1:
@@ -487,6 +503,10 @@ def _warnings(plan: Plan, requested: Optional[Tuple[int, int]], preset: Optional
                          ("--vae-parallel", plan.vae_parallel)):
             if on:
                 out.append(f"{flag} on one device does nothing (there is no one to share with)")
+    if world > 1 and plan.host_bytes_per_rank:
+        out.append(f"each of the {world} ranks keeps {plan.host_bytes_per_rank / GB:.0f} GB of weights in host "
+                   f"memory ({world * plan.host_bytes_per_rank / GB:.0f} GB on one server); --dit-fsdp --t5-fsdp "
+                   "shard them on the devices instead")
     if plan.t5_fsdp and plan.t5_cpu:
         out.append("--t5-fsdp has no effect with --t5-cpu (the encoder is on the host)")
     fsdp_time = timing.fsdp_gather_per_step_s if timing is not None else None

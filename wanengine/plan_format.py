@@ -64,6 +64,9 @@ def format_plan(plan: Plan) -> str:
     row("total", *(f"{v / GB:.2f}" for v in m.phases))
     of = f" of {m.capacity / GB:.0f} GB" if m.capacity else ""
     lines.append(f"  peak {m.peak / GB:.1f} GB in the {m.peak_phase} phase{of}")
+    if plan.host_bytes_per_rank:
+        lines.append(f"  host memory: {plan.host_bytes_per_rank / GB:.1f} GB of weights per rank "
+                     f"(offloaded experts and the text encoder wait there)")
     if t is not None:
         lines.append("Time estimate (one device)")
         row("compute / step", _seconds(t.compute_per_step_s))

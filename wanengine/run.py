@@ -21,6 +21,7 @@ from .cache.report import cache_summary, check_cache_table
 from .config import EngineConfig, GenerationOptions, latent_grid
 from .errors import ConfigError
 from .io.checkpoint import EXPERTS, preflight_checkpoint
+from .runtime_env import is_lead_rank
 from .stage_log import StageLog
 from .timing import StageTimer
 
@@ -98,7 +99,7 @@ def run_i2v(plan: RunPlan, say: Callable[..., None] = lambda message, level=1: p
     up to the wall time since the process started (`plan.timings` holds the earlier rows)."""
     from .clock import process_age
 
-    lead = os.environ.get("RANK", "0") in ("", "0")
+    lead = is_lead_rank()
     if not lead:  # one rank speaks for a torchrun job
         def say(message: str, level: int = 1) -> None:
             return None
@@ -111,7 +112,7 @@ def run_i2v(plan: RunPlan, say: Callable[..., None] = lambda message, level=1: p
         say(note, level=2)
     say(f"i2v: {width}x{height}, {plan.opts.frame_num} frames, {plan.opts.steps} {plan.opts.solver} steps, "
         f"seed {plan.opts.seed}")
-    with timer.stage("import engine"):
+    with timer.stage("import engine", announce=False):  # torch is in already: a fraction of a second
         from .engine import Engine
         from .parallel import is_writer, make_engine
 

@@ -1,5 +1,6 @@
-"""Environment defaults of the Ascend runtime, kept free of torch so the CLI can set them at
-start-up, before anything imports torch or torch_npu (they only take effect then)."""
+"""What the process environment says, read without torch: the Ascend runtime's defaults (set
+by the CLI at start-up, before anything imports torch or torch_npu -- they only take effect
+then) and whether this process is rank 0 of a torchrun job."""
 from __future__ import annotations
 
 import os
@@ -18,3 +19,8 @@ def ascend_environment_defaults() -> None:
     before `torch_npu` is first imported (the CLI calls it at start-up)."""
     for key, value in ASCEND_ENV.items():
         os.environ.setdefault(key, value)
+
+
+def is_lead_rank() -> bool:
+    """False on ranks 1.. of a torchrun job (they leave messages to rank 0), True otherwise."""
+    return os.environ.get("RANK", "0") in ("", "0")

@@ -1,21 +1,22 @@
-"""Input images: a path or a PIL image -> RGB float tensor in [-1, 1], EXIF orientation applied."""
+"""Input images: a path, bytes, PIL image, numpy array or torch tensor -> RGB float tensor in
+[-1, 1], EXIF orientation applied (the accepted inputs: `image_input`)."""
 from __future__ import annotations
 
 import os
-from typing import Union
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import UserInputError
-
-ImageLike = Union[str, "os.PathLike[str]", Image.Image]
+from .image_input import ImageLike, normalize_image_input  # noqa: F401 (ImageLike re-exported)
 
 
 def open_image(image: ImageLike) -> Image.Image:
     """Open and decode `image` fully (so a corrupt file fails here, not mid-run), apply its
-    EXIF orientation and convert any mode (L, P, RGBA, CMYK, I;16, ...) to RGB."""
+    EXIF orientation and convert any mode (L, P, RGBA, CMYK, I;16, ...) to RGB. `image` is
+    anything `image_input.normalize_image_input` accepts (path, bytes, PIL, numpy, torch)."""
+    image = normalize_image_input(image)  # -> a PIL image or an existing file's path
     if isinstance(image, Image.Image):
         pil = image
         label = "image"

@@ -12,11 +12,15 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Tuple, Union
 
+import numpy as np
 import torch
 
 from ..errors import UserInputError
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 SUPPORTED_EXTENSIONS = (".mp4", ".safetensors")
 
@@ -66,25 +70,43 @@ def to_uint8_frames(video: torch.Tensor) -> torch.Tensor:
 @dataclass
 class Video:
     """A generated clip. `tensor`: float32 `[3, F, H, W]` in [-1, 1]; `latent`: the final
-    latent `[16, F', H/8, W/8]`; `fps`, `seed`; `metadata`: settings, timings, versions."""
+    latent `[16, F', H/8, W/8]`; `fps`, `seed`; `metadata`: settings, timings, versions.
+    `frames` is the uint8 numpy `[F, H, W, 3]` the files are written from; `to_pil()` the
+    frames as PIL images."""
 
     tensor: torch.Tensor
     latent: torch.Tensor
     fps: int = 16
     seed: int = 0
     metadata: Dict[str, Any] = field(default_factory=dict)
-    _frames: Optional[torch.Tensor] = field(default=None, repr=False)
+    _frames: Optional[np.ndarray] = field(default=None, repr=False)
 
     @property
-    def frames(self) -> torch.Tensor:
-        """uint8 `[F, H, W, 3]`."""
+    def frames(self) -> np.ndarray:
+        """uint8 numpy `[F, H, W, 3]` (truncated as the reference writes; computed once)."""
         if self._frames is None:
-            self._frames = to_uint8_frames(self.tensor.cpu())
+            self._frames = to_uint8_frames(self.tensor.cpu()).numpy()
         return self._frames
+
+    def to_pil(self) -> List["Image.Image"]:
+        """The frames as RGB PIL images."""
+        from PIL import Image
+
+        return [Image.fromarray(frame) for frame in self.frames]
 
     @property
     def num_frames(self) -> int:
         return int(self.tensor.shape[1])
+
+    @property
+    def size(self) -> Tuple[int, int]:
+        """(width, height) of a frame."""
+        return int(self.tensor.shape[3]), int(self.tensor.shape[2])
+
+    def __repr__(self) -> str:  # the dataclass default would print every pixel
+        width, height = self.size
+        seconds = self.num_frames / self.fps if self.fps else 0.0
+        return f"Video({self.num_frames} frames of {width}x{height} at {self.fps} fps ({seconds:.2f} s), seed {self.seed})"
 
     def save(self, path: Union[str, "os.PathLike[str]"]) -> Path:
         """Write `.mp4` (H.264 via imageio-ffmpeg) or `.safetensors` (keys `video`, `latent`,
@@ -100,7 +122,7 @@ class Video:
     def _write_mp4(self, path: Path) -> None:
         import imageio.v2 as imageio
 
-        frames = self.frames.numpy()
+        frames = self.frames
         writer = imageio.get_writer(str(path), fps=self.fps, codec="libx264", quality=8, format="FFMPEG",
                                     macro_block_size=1, ffmpeg_log_level="error")
         try:

@@ -42,6 +42,7 @@ OPTION_FIELDS: Dict[str, tuple] = {
     "seed": ("seed", (int,), int),
 }
 REQUIRED = ("prompt", "image")
+REQUEST_FIELDS = {target: name for name, (target, _, _) in OPTION_FIELDS.items()}  # options field -> request field
 
 
 def passthrough_fields() -> tuple:
@@ -77,9 +78,14 @@ class Submission:
     frame_size: tuple  # (width, height) of the video
 
 
-def field_message(message: str) -> str:
-    """The CLI's message with its flags spelled as request fields: `prompt (--prompt): x` ->
-    `prompt: x`, `--frame-num: x` -> `frame_num: x`."""
+def field_message(error: Exception) -> str:
+    """The error's one line with the argument spelled as the request field: an
+    `InvalidArgument` names the options' field (`steps: x` -> `sample_steps: x`); other messages
+    name CLI flags (`prompt (--prompt): x` -> `prompt: x`, `--frame-num: x` -> `frame_num: x`)."""
+    argument = getattr(error, "argument", None)
+    if argument is not None and getattr(error, "detail", None) is not None:
+        return f"{REQUEST_FIELDS.get(argument, argument)}: {error.detail}"
+    message = str(error)
     message = re.sub(r"\b(\w+) \(--[a-z0-9-]+\)", r"\1", message)
     return re.sub(r"--([a-z][a-z0-9-]*)", lambda m: m.group(1).replace("-", "_"), message)
 
@@ -149,7 +155,7 @@ def decode_image(value: Any, max_pixels: int = MAX_IMAGE_PIXELS):
         handle.load()
         return open_image(handle)
     except UserInputError as exc:
-        raise RequestError(400, field_message(str(exc))) from None
+        raise RequestError(400, field_message(exc)) from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise RequestError(400, f"image: not a readable image ({type(exc).__name__}: {str(exc)[:100]})") from None
 
@@ -189,14 +195,14 @@ def build_submission(fields: Mapping[str, Any], *, from_form: bool = False,
     try:
         opts = GenerationOptions(**kwargs).validate()
     except UserInputError as exc:
-        raise RequestError(422, field_message(str(exc))) from None
+        raise RequestError(422, field_message(exc)) from None
     except (TypeError, ValueError) as exc:  # a passthrough field of a type its validation did not expect
         raise RequestError(422, f"options: {type(exc).__name__}: {str(exc)[:150]}") from None
     image = decode(fields["image"])
     try:
         _, lat_h, lat_w = latent_grid(image.height, image.width, opts.resolved_max_area, opts.frame_num)
     except UserInputError as exc:
-        raise RequestError(422, field_message(str(exc))) from None
+        raise RequestError(422, field_message(exc)) from None
     if opts.seed < 0:  # drawn now so the job record shows the seed it runs with
         opts = opts.with_seed(draw_seed())
     return Submission(opts=opts, image=image, output_format=output_format, frame_size=(8 * lat_w, 8 * lat_h))
