@@ -11,6 +11,7 @@ Cases:
   vae        `SplitVAE` encode / decode vs the golden VAE data and the unsplit VAE.
   fsdp       sharded loading: parameter bytes per rank, golden DiT and T5 outputs, bf16 parity.
   e2e        `ParallelEngine` on the golden image-to-video case; rank 0 saves the video.
+  cache      the step cache under the layouts of `--layouts`, one engine after the other.
   device     by hand on an accelerator host (`torchrun --nproc_per_node=N tests/_parallel_worker.py
              device OUT`): the device-specific paths against the golden data.
 """
@@ -332,8 +333,39 @@ def case_fsdp8(args, rank: int, world: int) -> dict:
                 "max_abs_vs_unsharded": _max_abs(sharded(x, t, context, y), plain(x, t, context, y))}
 
 
+CACHE_LAYOUTS = {"ulysses2_dit_fsdp": {"ulysses_size": 2, "dit_fsdp": True}, "cfg2": {"cfg_size": 2},
+                 "cfg2_x_ulysses2": {"cfg_size": 2, "ulysses_size": 2}}
+
+
+def case_cache(args, rank: int, world: int) -> dict:
+    """The step cache under each layout named in `--layouts` (one engine after the other in this
+    launch), on the golden case with `--steps` and a first-block `--cache-threshold`:
+    every rank reports its skipped steps; rank 0 saves `video_<layout>.safetensors`."""
+    from safetensors.torch import save_file
+
+    from helpers import golden_dir
+    from wanengine.config import EngineConfig
+    from wanengine.parallel import make_engine
+
+    meta = json.loads((golden_dir() / "meta.json").read_text())["i2v"]
+    report: dict = {}
+    for layout in args.layouts.split(","):
+        cfg = EngineConfig(ckpt_dir=str(golden_dir() / "ckpt"), device="cpu", dtype="float32", progress=False,
+                           step_cache="first-block", cache_threshold=args.cache_threshold, **CACHE_LAYOUTS[layout])
+        engine = make_engine(cfg)
+        video = engine.i2v(golden_dir() / "input.png", meta["prompt"], negative_prompt=meta["n_prompt"],
+                           max_area=meta["max_area"], frame_num=meta["frame_num"], steps=args.steps or meta["steps"],
+                           shift=meta["shift"], solver=meta["solver"], guide_scale=tuple(meta["guide_scale"]),
+                           seed=meta["seed"])
+        report[layout] = video.metadata["cache"]
+        if rank == 0:
+            save_file({"video": video.tensor.contiguous()}, str(Path(args.out_dir) / f"video_{layout}.safetensors"))
+        del engine
+    return report
+
+
 CASES = {"attention": case_attention, "vae": case_vae, "fsdp": case_fsdp, "e2e": case_e2e, "device": case_device,
-         "fsdp8": case_fsdp8}
+         "fsdp8": case_fsdp8, "cache": case_cache}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -351,6 +383,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--frame-num", type=int, default=None, help="e2e: instead of the golden case's")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--max-area", type=int, default=None)
+    parser.add_argument("--layouts", default="")  # case cache
+    parser.add_argument("--cache-threshold", type=float, default=0.0)
     args = parser.parse_args(argv)
     import torch
     import torch.distributed as dist

@@ -63,6 +63,7 @@ PERFORMANCE = "Performance / memory"
 PARALLEL = "Parallel (torchrun)"
 OUTPUT = "Output"
 HARDWARE = "Hardware model"
+STEP_CACHE = "Step cache"
 
 
 class _State:
@@ -223,8 +224,23 @@ def i2v(
     quantize_t5: Optional[str] = quantize_t5_option(),
     ignore_memory_check: bool = typer.Option(False, "--ignore-memory-check", metavar="", rich_help_panel="Reliability",
                                              help="Run even if the memory estimate exceeds what the device has."),
+    step_cache: str = typer.Option("off", "--step-cache", rich_help_panel=STEP_CACHE,
+                                   help="off, first-block or mag: skip DiT blocks on steps that change little."),
+    cache_threshold: Optional[float] = typer.Option(None, "--cache-threshold", rich_help_panel=STEP_CACHE,
+                                                    show_default="required with a cache",
+                                                    help="Skip while the accumulated change stays below this "
+                                                         "(0 never skips)."),
+    cache_warmup: int = typer.Option(1, "--cache-warmup", rich_help_panel=STEP_CACHE,
+                                     help="Steps always computed after each expert switch."),
+    cache_max_skips: Optional[int] = typer.Option(None, "--cache-max-skips", rich_help_panel=STEP_CACHE,
+                                                  show_default="no limit",
+                                                  help="At most this many consecutive skipped steps."),
+    cache_table: Optional[Path] = typer.Option(None, "--cache-table", rich_help_panel=STEP_CACHE,
+                                               help="Mag table JSON (from `wanengine calibrate-cache`)."),
 ) -> None:
     """Generate a video from an image and a prompt."""
+    import dataclasses
+
     from .clock import process_age
     from .config import EngineConfig, GenerationOptions
 
@@ -239,6 +255,8 @@ def i2v(
                        vae_tile_rows=vae_tile_rows, ulysses_size=ulysses_size, cfg_size=cfg_size, dit_fsdp=dit_fsdp,
                        t5_fsdp=t5_fsdp, vae_parallel=vae_parallel, progress=_State.verbosity > 0,
                        quantize=quantize, quantize_t5=quantize_t5)
+    cfg = dataclasses.replace(cfg, step_cache=step_cache, cache_threshold=cache_threshold, cache_warmup=cache_warmup,
+                              cache_max_skips=cache_max_skips, cache_table=str(cache_table) if cache_table else None)
     cfg.validate(), opts.validate()  # usage errors before torch is imported
 
     from .run import preflight_run, run_i2v
@@ -401,6 +419,8 @@ def plan_command(
                                              help="int8 or fp8: the text encoder's block linears in 8 bits."),
     quantize: Optional[str] = quantize_option("As for i2v: the experts quantized at load (sets --weights)."),
     quantize_t5: Optional[str] = quantize_t5_option("As for i2v (sets --t5-weights)."),
+    step_cache: str = typer.Option("off", "--step-cache", rich_help_panel=STEP_CACHE,
+                                   help="off, first-block or mag: adds the memory of its saved residuals."),
 ) -> None:
     """Estimate FLOP, memory per device and time for one video; needs no weights."""
     import dataclasses
@@ -415,7 +435,7 @@ def plan_command(
                        dtype=resolve_dtype(dtype, convert_model_dtype), vae_parallel=vae_parallel, device=hardware,
                        device_peak_tflops=peak_tflops, device_memory_gb=memory_gb, efficiency=efficiency,
                        link_gbps=link_gbps, placement=device, weights=weights or quantize,
-                       t5_weights=t5_weights or quantize_t5)
+                       t5_weights=t5_weights or quantize_t5, step_cache=step_cache)
     print(json.dumps(dataclasses.asdict(result), indent=2, default=str) if as_json else format_plan(result))
 
 
@@ -439,6 +459,12 @@ def read_aspect(image: Path) -> Optional[float]:
 from .serve.command import serve as _serve  # noqa: E402  (its options live in wanengine/serve/command.py)
 
 app.command("serve")(handles_errors(_serve))
+
+
+# --------------------------------------------------------------------------- calibrate-cache
+from .cache.command import calibrate_cache  # noqa: E402 (a command module; imports no torch)
+
+app.command("calibrate-cache")(handles_errors(calibrate_cache))
 
 
 # --------------------------------------------------------------------------- entry point

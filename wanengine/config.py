@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Dict, Optional, Sequence, Tuple, Union
 
+from .cache.options import validate_cache_options
 from .constants import constants, defaults
 from .errors import InvalidArgument
 
@@ -48,6 +49,9 @@ class EngineConfig:
         quantize: "int8" or "fp8": quantize the experts' block linears stored in full precision
             while loading (`--quantize`; published 8-bit experts load as they are without it).
         quantize_t5: the same for the text encoder's block linears (`--quantize-t5`).
+        step_cache, cache_threshold, cache_warmup, cache_max_skips, cache_table: the step cache
+            (`wanengine.cache`): policy off / first-block / mag, its threshold, warm-up steps after
+            each expert switch, consecutive-skip limit and the mag table file.
     """
 
     ckpt_dir: Optional[str] = None
@@ -73,6 +77,11 @@ class EngineConfig:
     dit_config: Optional[str] = None
     quantize: Optional[str] = None
     quantize_t5: Optional[str] = None
+    step_cache: str = "off"
+    cache_threshold: Optional[float] = None
+    cache_warmup: int = 1
+    cache_max_skips: Optional[int] = None
+    cache_table: Optional[str] = None
 
     def component_overrides(self) -> Dict[str, Optional[str]]:
         """The per-component sources, by component name (None: from `ckpt_dir`)."""
@@ -101,6 +110,7 @@ class EngineConfig:
         for name in ("quantize", "quantize_t5"):
             if getattr(self, name) is not None and getattr(self, name) not in QUANTIZE_FORMATS:
                 raise InvalidArgument(name, f"{getattr(self, name)!r} is not one of {', '.join(QUANTIZE_FORMATS)}")
+        validate_cache_options(self)
         return self
 
     @property

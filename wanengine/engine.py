@@ -7,6 +7,7 @@ device and dtype.
 """
 from __future__ import annotations
 
+import contextlib
 import random
 import sys
 from dataclasses import asdict
@@ -17,6 +18,8 @@ import torch
 from torch import nn
 
 from . import __version__, kernels
+from .cache.apply import StepCache
+from .cache.state import CacheLayout
 from .config import EngineConfig, GenerationOptions, latent_grid
 from .device import prepare_device, resolve_device, resolve_dtype, synchronizer
 from .experts import ExpertSwitcher
@@ -62,7 +65,10 @@ class Engine:
         self.offload = cfg.offload_model if cfg.offload_model is not None else self.device.type != "cpu"
         self.stage_log = StageLog(enabled=cfg.progress)  # one progress line per stage on stderr
         self.load_timer = StageTimer(synchronizer(self.device), log=self.stage_log)
+        self.step_cache = StepCache.from_config(cfg, self.dtype)  # reads the mag table before any weight
         self._load()
+        if self.step_cache is not None:
+            self.step_cache.attach(self.experts.experts, self.cache_layout())
 
     # ------------------------------------------------------------------ loading
     def _load(self) -> None:
@@ -175,6 +181,8 @@ class Engine:
     def generate(self, image, opts: GenerationOptions, *, on_step=None) -> Video:
         """`i2v` on an already opened RGB PIL image and validated options."""
         timer = StageTimer(synchronizer(self.device), log=self.stage_log)
+        if self.step_cache is not None:
+            self.step_cache.check_steps(opts.steps)
         frames, lat_h, lat_w = latent_grid(image.height, image.width, opts.resolved_max_area, opts.frame_num)
         seed = self.resolve_seed(opts.seed)
         with timer.stage("text encode", "(prompt and negative prompt)"):
@@ -192,8 +200,11 @@ class Engine:
             if on_step is not None:
                 on_step(info, latent)
 
-        with timer.stage("denoise", announce=False), progress, hinted(self.cfg.dtype, "denoise"):
-            latent = denoise(get_expert=self.experts.get, sampler=sampler, latent=noise, y=y, contexts=contexts,
+        cache_run = self.step_cache.begin(len(sampler.timesteps)) if self.step_cache is not None else None
+        with timer.stage("denoise", announce=False), progress, hinted(self.cfg.dtype, "denoise"), \
+                (cache_run or contextlib.nullcontext()):
+            get_expert = cache_run.track(self.experts.get) if cache_run is not None else self.experts.get
+            latent = denoise(get_expert=get_expert, sampler=sampler, latent=noise, y=y, contexts=contexts,
                              seq_len=self.seq_len(noise.shape), guide_scale=opts.guidance,
                              guidance=self.guidance(), on_step=step_done, prefetch=self.experts.prefetch)
         decoding = ChunkProgress("VAE decode", frames, "latent frames", self.stage_log)
@@ -202,6 +213,8 @@ class Engine:
             video = self.decode(latent)
         check_finite(video, "VAE decode", self.cfg.vae_dtype)  # NaN/Inf VAE weights: an error, not a garbage video
         metadata = self.metadata(opts, seed, timer)
+        if cache_run is not None:
+            metadata["cache"] = cache_run.report()
         return Video(tensor=video.cpu(), latent=latent.float().cpu(), fps=16, seed=seed, metadata=metadata)
 
     # ------------------------------------------------------------------ hooks for parallel runs
@@ -210,6 +223,10 @@ class Engine:
 
     def guidance(self):
         return batched_cfg if self.cfg.cfg_batch else sequential_cfg
+
+    def cache_layout(self) -> CacheLayout:
+        """Where this process sits for the step cache's decisions (one process: alone)."""
+        return CacheLayout()
 
     def resolve_seed(self, seed: int) -> int:
         """The seed to use: `seed` itself, or a random one when it is negative."""

@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Tuple
 
 from .config import DTYPES, PATCH, SOLVERS, latent_grid, parse_size
+from .cache.memory import cache_assumption, cache_bytes
 from .constants import constants
 from .errors import ConfigError
 
@@ -184,7 +185,7 @@ def make_plan(size: Optional[str] = "1280*720", frame_num: int = 81, steps: int 
               link_gbps: Optional[float] = None, max_area: Optional[int] = None,
               image_aspect: Optional[float] = None, placement: Optional[str] = None,
               weights: Optional[str] = None, t5_weights: Optional[str] = None,
-              model_sizes: Optional[Dict[str, dict]] = None) -> Plan:
+              model_sizes: Optional[Dict[str, dict]] = None, step_cache: str = "off") -> Plan:
     """Cost of one video. `cfg`: guidance on (cond + uncond forwards each step). `world_size`
     None means cfg_size * ulysses_size. `offload` None means what the engine does: on for
     accelerators (off with `dit_fsdp`, whose shards stay on the devices), off on the CPU.
@@ -247,7 +248,8 @@ def make_plan(size: Optional[str] = "1280*720", frame_num: int = 81, steps: int 
 
     # ---- memory
     layout = dict(dtype=dtype, world=world, ulysses=ulysses_size, cfg=cfg, cfg_size=cfg_size, dit_fsdp=dit_fsdp,
-                  t5_fsdp=t5_fsdp, t5_cpu=t5_cpu, cfg_batch=cfg_batch, vae_parallel=vae_parallel)
+                  t5_fsdp=t5_fsdp, t5_cpu=t5_cpu, cfg_batch=cfg_batch, vae_parallel=vae_parallel,
+                  step_cache=step_cache)
     sizes = dict(geometry=geometry, dit=dit, dit_params=dit_params, block_params=block_params, t5=t5,
                  t5_params=t5_params, vae_params=vae_params, vae_dim=vae["dim"], encoder=encoder, decoder=decoder)
     sizes.update(_weight_sizes(dtype, weights, t5_weights, dit, dit_params, block_params, t5, t5_params))
@@ -272,6 +274,8 @@ def make_plan(size: Optional[str] = "1280*720", frame_num: int = 81, steps: int 
         assumptions += ("8-bit weights: block linears at 1 byte + a float32 scale per output row, the rest at the "
                         "run dtype; FLOP and time as for the run dtype (an 8-bit GEMM is not modelled), and a layer "
                         "dequantized just before its matmul adds one transient weight (<= 0.14 GB in bf16)",)
+    if step_cache != "off":
+        assumptions += (cache_assumption(step_cache),)
     host = _host_bytes(kind, offload, t5_cpu, t5_fsdp, sizes["dit_bytes"], sizes["t5_bytes"])
     plan = Plan(host_bytes_per_rank=host,
                 size=f"{geometry.width}*{geometry.height}", frame_num=frame_num, steps=steps, solver=solver, cfg=cfg,
@@ -374,7 +378,7 @@ def _memory(*, offload: bool, capacity: Optional[float], dtype: str, world: int,
             cfg_size: int, dit_fsdp: bool, t5_fsdp: bool, t5_cpu: bool, cfg_batch: bool, vae_parallel: bool,
             geometry: Geometry, dit: dict, dit_params: int, block_params: int, t5: dict, t5_params: int,
             vae_params: int, vae_dim: int, encoder: VaeTally, decoder: VaeTally, dit_bytes: float,
-            block_bytes: float, t5_bytes: float) -> Memory:
+            block_bytes: float, t5_bytes: float, step_cache: str = "off") -> Memory:
     """Per-device bytes in the four phases of a run: text encoding, VAE encode, denoising, decode."""
     width = DTYPE_BYTES[dtype]
     experts = 1 if offload else 2
@@ -394,6 +398,8 @@ def _memory(*, offload: bool, capacity: Optional[float], dtype: str, world: int,
     mlp = rows * (2 * ffn + D) * width              # ffn.0 output, its GELU, ffn.2 output
     rope = 2 * geometry.tokens_per_rank * head_dim * 4.0
     dit_act = stream + max(attn, mlp) + rope
+    branches = 2 if cfg and cfg_size == 1 else 1  # guidance branches this device computes
+    cache = cache_bytes(step_cache, geometry.tokens_per_rank, D, width, branches)
 
     h, w, tiles = geometry.height, geometry.width, (world if vae_parallel else 1)
     unit = vae_dim * VAE_CHUNK_FRAMES * h * w * 4.0  # one [C, 4, h, w] float32 tensor
@@ -408,6 +414,7 @@ def _memory(*, offload: bool, capacity: Optional[float], dtype: str, world: int,
          dit_idle, dit_idle, dit_weights, dit_idle),
         ("DiT FSDP gather (2 blocks)", 0.0, 0.0, gather, 0.0),
         ("DiT activations", 0.0, 0.0, dit_act, 0.0),
+        (f"step cache ({step_cache})", 0.0, 0.0, cache, 0.0),
         ("T5 weights" + (" (on CPU)" if t5_cpu else f" (1/{world})" if t5_fsdp and world > 1 else ""),
          t5_weights, t5_idle, t5_idle, t5_idle),
         ("T5 activations", t5_act, 0.0, 0.0, 0.0),

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
+from .cache.report import cache_summary, check_cache_table
 from .config import EngineConfig, GenerationOptions, check_frame_size, latent_grid
 from .errors import ConfigError
 from .io.checkpoint import EXPERTS, preflight_checkpoint
@@ -80,6 +81,7 @@ def preflight_run(cfg: EngineConfig, opts: GenerationOptions, image_path, out: O
         layout = preflight_checkpoint(cfg.ckpt_dir, cfg.component_overrides(), cfg.dit_config)
         expert_config = layout.dit_configs[EXPERTS[0]]
         check_parallel_layout(cfg, expert_config.num_heads)
+        check_cache_table(cfg, opts.steps)
     with timer.stage("read image", f"({image_path})"):
         image = open_image(image_path)
     with timer.stage("check inputs", announce=False):
@@ -143,6 +145,8 @@ def run_i2v(plan: RunPlan, say: Callable[..., None] = lambda message, level=1: p
         say(f"wrote {plan.out} ({video.num_frames} frames, seed {video.seed})", level=0)  # even --quiet records the seed
         if plan.cfg.progress:
             say(timer.table(wall=wall))
+            if "cache" in video.metadata:
+                say(cache_summary(video.metadata["cache"]))
         if plan.metrics_json is not None:
             write_metrics(plan.metrics_json, video.metadata, plan.out)
     return plan.out

@@ -23,6 +23,7 @@ from typing import Any, Dict
 import torch
 from torch import nn
 
+from ..cache.state import CacheLayout
 from ..config import EngineConfig
 from ..device import resolve_device
 from ..engine import Engine
@@ -102,6 +103,10 @@ class ParallelEngine(Engine):
         if self.parallel.cfg_size == 2:
             return make_cfg_parallel_guidance(self.parallel.cfg_rank, self.parallel.cfg_group)
         return super().guidance()
+
+    def cache_layout(self) -> CacheLayout:
+        # Step-cache decisions are agreed over every rank (Ulysses chunks and CFG groups).
+        return CacheLayout.from_parallel(self.parallel)
 
     def resolve_seed(self, seed: int) -> int:
         # Every rank must use rank 0's seed (the CLI draws one per process when none is given).
