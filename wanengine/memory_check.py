@@ -100,7 +100,8 @@ def estimate_peak_bytes(cfg, opts, frame_size, sizes: Dict[str, dict], device) -
                      t5_fsdp=cfg.t5_fsdp, t5_cpu=cfg.t5_cpu and not on_cpu,
                      offload=offload and not on_cpu,  # on the CPU an "offloaded" expert is still in host memory
                      cfg_batch=cfg.cfg_batch, dtype=cfg.dtype, vae_parallel=cfg.vae_parallel,
-                     max_area=width * height, image_aspect=height / width, placement=device.type, model_sizes=sizes)
+                     max_area=width * height, image_aspect=height / width, placement=device.type, model_sizes=sizes,
+                     weights=cfg.quantize, t5_weights=cfg.quantize_t5, step_cache=cfg.step_cache)
     peak = plan.memory.peak
     if on_cpu and cfg.distributed:
         peak *= int(os.environ.get("LOCAL_WORLD_SIZE", cfg.world_size))

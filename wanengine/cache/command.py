@@ -49,7 +49,7 @@ def calibrate_cache(
     cfg = EngineConfig(ckpt_dir=str(ckpt_dir), device=device, dtype=dtype, kernel_backend=kernel_backend,
                        offload_model=offload_model, t5_cpu=t5_cpu, progress=say_progress()).validate()
     check_table_path(out)
-    preflight_checkpoint(cfg.ckpt_dir)
+    preflight_checkpoint(cfg.ckpt_dir, cfg.component_overrides(), cfg.dit_config)
     picture = open_image(image)
     _, lat_h, lat_w = latent_grid(picture.height, picture.width, opts.resolved_max_area, opts.frame_num)
     if opts.seed < 0:
