@@ -105,22 +105,64 @@ def i2v(
     vae_parallel: bool = typer.Option(False, "--vae-parallel", "--vae_parallel", help="Split the VAE over the ranks."),
     metrics_json: Optional[Path] = typer.Option(None, "--metrics-json", help="Write timings, settings, seed, versions."),
     task: str = typer.Option("i2v-A14B", "--task", help="Accepted for reference scripts; must be i2v-A14B."),
+    preset: Optional[str] = typer.Option(None, "--preset", rich_help_panel="Few-step and LoRA",
+                                         help="distill-4step: euler, 4 steps, shift 5.0, guidance 1.0 "
+                                              "(explicit flags override)."),
+    denoising_steps: Optional[str] = typer.Option(None, "--denoising-steps", rich_help_panel="Few-step and LoRA",
+                                                  help="Euler timesteps, e.g. 1000,750,500,250."),
+    lora: Optional[List[str]] = typer.Option(None, "--lora", rich_help_panel="Few-step and LoRA",
+                                             help="PATH[:STRENGTH] adapter for both experts (repeatable)."),
+    lora_high: Optional[List[str]] = typer.Option(None, "--lora-high", rich_help_panel="Few-step and LoRA",
+                                                  help="PATH[:STRENGTH] adapter for the high-noise expert."),
+    lora_low: Optional[List[str]] = typer.Option(None, "--lora-low", rich_help_panel="Few-step and LoRA",
+                                                 help="PATH[:STRENGTH] adapter for the low-noise expert."),
+    context: typer.Context = None,  # which flags were given explicitly (they override --preset)
 ) -> None:
     """Generate a video from an image and a prompt."""
+    from .adapters.spec import lora_specs_from_flags
     from .config import EngineConfig, GenerationOptions
     from .run import preflight_run, run_i2v
 
     if task != "i2v-A14B":
         raise UserInputError(f"--task: {task!r} is not supported; this engine runs i2v-A14B")
+    sampling = _sampling_options(context, preset, denoising_steps, steps=sample_steps, shift=sample_shift,
+                                 solver=sample_solver, guide_scale=guide_scale)
     opts = GenerationOptions(prompt=prompt, negative_prompt=negative_prompt, size=size, max_area=max_area,
-                             frame_num=frame_num, steps=sample_steps, shift=sample_shift, solver=sample_solver,
-                             guide_scale=guide_scale, seed=seed)
+                             frame_num=frame_num, seed=seed, **sampling)
     cfg = EngineConfig(ckpt_dir=str(ckpt_dir), device=device, dtype=dtype, kernel_backend=kernel_backend,
                        offload_model=offload_model, t5_cpu=t5_cpu, vae_tile_rows=vae_tile_rows,
                        ulysses_size=ulysses_size, cfg_size=cfg_size, dit_fsdp=dit_fsdp, t5_fsdp=t5_fsdp,
-                       vae_parallel=vae_parallel, progress=_State.verbosity > 0)
+                       vae_parallel=vae_parallel, progress=_State.verbosity > 0,
+                       loras=tuple(lora_specs_from_flags(lora or (), lora_high or (), lora_low or ())))
     plan = preflight_run(cfg, opts, image, out, metrics_json)
     run_i2v(plan, say=say)
+
+
+_SAMPLING_PARAMS = {"steps": "sample_steps", "shift": "sample_shift", "solver": "sample_solver",
+                    "guide_scale": "guide_scale"}
+
+
+def _sampling_options(context: Optional[typer.Context], preset: Optional[str], denoising_steps: Optional[str],
+                      **values) -> dict:
+    """steps / shift / solver / guide_scale (+ denoising_steps): each flag given on the command
+    line wins, then the preset's value, then the flag's default."""
+    from .config import parse_step_list
+    from .presets import resolve_with_preset
+
+    def given(key: str) -> bool:
+        source = context.get_parameter_source(_SAMPLING_PARAMS[key]) if context is not None else None
+        return source is None or source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+    explicit = {key: value for key, value in values.items() if given(key)}
+    resolved = resolve_with_preset(preset or "", explicit, values)
+    if denoising_steps is not None:
+        steps = parse_step_list(denoising_steps)
+        if "steps" in explicit and explicit["steps"] != len(steps):
+            raise UserInputError(f"--denoising-steps gives {len(steps)} steps but --sample-steps is {explicit['steps']}")
+        if "solver" not in explicit:
+            resolved["solver"] = "euler"  # a step list is the euler sampler's input
+        resolved.update(steps=len(steps), denoising_steps=steps)
+    return resolved
 
 
 # --------------------------------------------------------------------------- demo

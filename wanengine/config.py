@@ -10,11 +10,12 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Optional, Sequence, Tuple, Union
 
+from .adapters.spec import LoraSpec, validate_specs
 from .constants import constants, defaults
 from .errors import ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16")
-SOLVERS = ("unipc", "dpm++")
+SOLVERS = ("unipc", "dpm++", "euler")
 KERNEL_BACKENDS = ("auto", "reference", "cuda", "npu")
 VAE_STRIDE = (4, 8, 8)
 PATCH = (1, 2, 2)
@@ -36,6 +37,8 @@ class EngineConfig:
         cfg_batch: evaluate the conditional and unconditional branches as one batch of 2.
         ulysses_size, cfg_size, dit_fsdp, t5_fsdp, vae_parallel: multi-card layout (torchrun).
         progress: show the step bar and the stage table.
+        loras: LoRA / delta adapters merged into the experts once at load (`LoraSpec`: path,
+            strength, expert "high" | "low" | "both"); several on one expert add up.
     """
 
     ckpt_dir: str
@@ -53,6 +56,7 @@ class EngineConfig:
     t5_fsdp: bool = False
     vae_parallel: bool = False
     progress: bool = True
+    loras: Sequence[LoraSpec] = ()
 
     def validate(self) -> "EngineConfig":
         if not self.ckpt_dir:
@@ -71,6 +75,7 @@ class EngineConfig:
             raise ConfigError(f"cfg_size (--cfg-size): must be 1 or 2 (two guidance branches), got {self.cfg_size}")
         if self.vae_tile_rows is not None and self.vae_tile_rows < 1:
             raise ConfigError(f"vae_tile_rows: must be >= 1, got {self.vae_tile_rows}")
+        validate_specs(self.loras)
         return self
 
     @property
@@ -114,6 +119,18 @@ def parse_guide_scale(value: Union[float, str, Sequence[float]]) -> Tuple[float,
     return numbers[0], numbers[1]
 
 
+def parse_step_list(value: Union[str, Sequence[float]]) -> Tuple[float, ...]:
+    """'1000,750,500,250' (or a sequence of numbers) -> (1000.0, 750.0, 500.0, 250.0)."""
+    parts = [p for p in re.split(r"[,\s]+", value.strip()) if p] if isinstance(value, str) else list(value)
+    try:
+        steps = tuple(float(p) for p in parts)
+    except (TypeError, ValueError):
+        raise ConfigError(f"--denoising-steps: {value!r} is not a comma-separated list of timesteps") from None
+    if not steps:
+        raise ConfigError("--denoising-steps: the step list is empty")
+    return steps
+
+
 @dataclass(frozen=True)
 class GenerationOptions:
     """What one image-to-video call asks for; defaults are the reference release's."""
@@ -128,6 +145,14 @@ class GenerationOptions:
     solver: str = field(default_factory=lambda: defaults()["solver"])
     guide_scale: Union[float, str, Tuple[float, float]] = (3.5, 3.5)
     seed: int = -1
+    # Euler only: the explicit timesteps (e.g. (1000, 750, 500, 250)); `steps` follows its length.
+    denoising_steps: Optional[Tuple[float, ...]] = None
+
+    def __post_init__(self) -> None:
+        if self.denoising_steps is not None:
+            steps = parse_step_list(self.denoising_steps)
+            object.__setattr__(self, "denoising_steps", steps)
+            object.__setattr__(self, "steps", len(steps))
 
     def validate(self) -> "GenerationOptions":
         if not isinstance(self.prompt, str):
@@ -143,7 +168,14 @@ class GenerationOptions:
         if not (math.isfinite(self.shift) and self.shift > 0):
             raise ConfigError(f"--sample-shift: must be a positive number, got {self.shift}")
         if self.solver not in SOLVERS:
-            raise ConfigError(f"--sample-solver: unknown solver {self.solver!r}; choose unipc or dpm++")
+            raise ConfigError(f"--sample-solver: unknown solver {self.solver!r}; choose unipc, dpm++ or euler")
+        if self.denoising_steps is not None:
+            from .schedulers.euler import euler_schedule
+
+            if self.solver != "euler":
+                raise ConfigError(f"--denoising-steps: only the euler sampler takes an explicit step list, "
+                                  f"not {self.solver!r} (add --sample-solver euler)")
+            euler_schedule(self.steps, self.shift, self.denoising_steps)  # range and order
         parse_guide_scale(self.guide_scale)
         return self
 

@@ -22,8 +22,8 @@ from .experts import ExpertSwitcher
 from .io.checkpoint import EXPERTS, preflight_checkpoint
 from .io.image import ImageLike, image_to_tensor, open_image
 from .io.video import Video
-from .pipeline import (StepInfo, batched_cfg, conditioning_video, denoise, first_frame_mask, initial_noise,
-                       seq_len_for, sequential_cfg)
+from .pipeline import (ForwardCount, StepInfo, batched_cfg, conditioning_video, denoise, first_frame_mask,
+                       initial_noise, needs_unconditional, seq_len_for, sequential_cfg)
 from .progress import StepProgress
 from .schedulers import make_sampler
 from .timing import StageTimer
@@ -45,6 +45,7 @@ class Engine:
         self.dtype = resolve_dtype(cfg.dtype)
         self.vae_dtype = resolve_dtype(cfg.vae_dtype)
         self.layout = preflight_checkpoint(cfg.ckpt_dir)
+        self.adapter_plans = self.plan_adapters()  # every adapter checked before any expert loads
         self.kernel_backend = kernels.configure(cfg.kernel_backend, self.device)
         self.offload = cfg.offload_model if cfg.offload_model is not None else self.device.type != "cpu"
         self.load_timer = StageTimer(synchronizer(self.device))
@@ -77,7 +78,27 @@ class Engine:
         from .models import load_dit
 
         home = torch.device("cpu") if self.offload else self.device
-        return {name: load_dit(self.layout.expert(name), device=home, dtype=self.dtype) for name in EXPERTS}
+        experts = {}
+        for name in EXPERTS:
+            experts[name] = load_dit(self.layout.expert(name), device=home, dtype=self.dtype)
+            self.merge_adapters(name, experts[name])
+        return experts
+
+    # ------------------------------------------------------------------ adapters
+    def plan_adapters(self):
+        """The configured LoRA adapters checked against both experts' tensor shapes (headers only)."""
+        from .adapters.plan import plan_checkpoint_adapters
+
+        plans = plan_checkpoint_adapters(self.cfg.loras, self.layout)
+        self.adapter_report = [p.summary() for name in EXPERTS for p in plans[name]]
+        return plans
+
+    def merge_adapters(self, name: str, expert: nn.Module) -> None:
+        """Merge the adapters planned for expert `name` into it, once, in place."""
+        if self.adapter_plans.get(name):
+            from .adapters.merge import merge_into_model
+
+            merge_into_model(expert, self.adapter_plans[name])
 
     # ------------------------------------------------------------------ stages
     def encode_text(self, prompts: Sequence[str]) -> Tuple[torch.Tensor, ...]:
@@ -118,12 +139,15 @@ class Engine:
         seed: int = -1,
         *,
         on_step=None,
+        denoising_steps: Optional[Sequence[float]] = None,
     ) -> Video:
         """Generate a video from `image` and `prompt`; see `GenerationOptions` for the options.
-        `guide_scale` is one float or (low_noise, high_noise); `seed < 0` draws one."""
+        `guide_scale` is one float or (low_noise, high_noise); `seed < 0` draws one.
+        `denoising_steps` (solver "euler") lists the timesteps, e.g. (1000, 750, 500, 250).
+        Step-distilled weights: `**wanengine.presets.preset_values("distill-4step")`."""
         opts = GenerationOptions(prompt=prompt, negative_prompt=negative_prompt, size=size, max_area=max_area,
                                  frame_num=frame_num, steps=steps, shift=shift, solver=solver,
-                                 guide_scale=guide_scale, seed=seed).validate()
+                                 guide_scale=guide_scale, seed=seed, denoising_steps=denoising_steps).validate()
         return self.generate(open_image(image), opts, on_step=on_step)
 
     def generate(self, image, opts: GenerationOptions, *, on_step=None) -> Video:
@@ -131,11 +155,17 @@ class Engine:
         timer = StageTimer(synchronizer(self.device))
         frames, lat_h, lat_w = latent_grid(image.height, image.width, opts.resolved_max_area, opts.frame_num)
         seed = self.resolve_seed(opts.seed)
+        sampler = make_sampler(opts.solver, opts.steps, opts.shift, device=self.device,
+                               step_list=opts.denoising_steps)
+        unconditional = needs_unconditional(sampler.timesteps.tolist(), opts.guidance)
+        self.check_guidance(unconditional)
         with timer.stage("text encode"):
-            contexts = self.encode_text([opts.prompt, opts.resolved_negative_prompt])
+            if unconditional:
+                contexts = self.encode_text([opts.prompt, opts.resolved_negative_prompt])
+            else:  # guidance off on every step: the negative prompt is never used
+                contexts = (self.encode_text([opts.prompt])[0], None)
         with timer.stage("VAE encode"):
             y = self.encode_image(image_to_tensor(image), frames, lat_h, lat_w, opts.frame_num)
-        sampler = make_sampler(opts.solver, opts.steps, opts.shift, device=self.device)
         noise = initial_noise(seed, (16, frames, lat_h, lat_w), self.device)
         progress = StepProgress(len(sampler.timesteps), enabled=self.cfg.progress)
 
@@ -144,13 +174,18 @@ class Engine:
             if on_step is not None:
                 on_step(info, latent)
 
+        count = ForwardCount()
         with timer.stage("denoise"), progress:
             latent = denoise(get_expert=self.experts.get, sampler=sampler, latent=noise, y=y, contexts=contexts,
                              seq_len=self.seq_len(noise.shape), guide_scale=opts.guidance,
-                             guidance=self.guidance(), on_step=step_done, prefetch=self.experts.prefetch)
+                             guidance=self.guidance(), on_step=step_done, prefetch=self.experts.prefetch,
+                             count=count)
         with timer.stage("VAE decode"):
             video = self.decode(latent)
         metadata = self.metadata(opts, seed, timer)
+        metadata["dit_forwards"] = self.video_forwards(count.forwards)
+        if self.adapter_report:
+            metadata["adapters"] = self.adapter_report
         return Video(tensor=video.cpu(), latent=latent.float().cpu(), fps=16, seed=seed, metadata=metadata)
 
     # ------------------------------------------------------------------ hooks for parallel runs
@@ -159,6 +194,13 @@ class Engine:
 
     def guidance(self):
         return batched_cfg if self.cfg.cfg_batch else sequential_cfg
+
+    def check_guidance(self, unconditional: bool) -> None:
+        """Hook: a layout may refuse a run whose steps never need the unconditional branch."""
+
+    def video_forwards(self, local_forwards: int) -> int:
+        """DiT forwards of the whole video from this process's count (one process: the same)."""
+        return local_forwards
 
     def resolve_seed(self, seed: int) -> int:
         """The seed to use: `seed` itself, or a random one when it is negative."""

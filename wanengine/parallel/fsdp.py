@@ -102,9 +102,15 @@ def _cast_meta(model: nn.Module, dtype: Optional[torch.dtype], keep_float32: Tup
             param.data = param.data.to(target)
 
 
-def copy_into_shards(model: nn.Module, tensors: Iterable[Tuple[str, torch.Tensor]], source: str) -> None:
+# merge(name, rows, start): add adapter deltas in place to `rows`, rows [start, ...) of tensor `name`.
+RowMerge = Callable[[str, torch.Tensor, int], object]
+
+
+def copy_into_shards(model: nn.Module, tensors: Iterable[Tuple[str, torch.Tensor]], source: str,
+                     merge: Optional[RowMerge] = None) -> None:
     """Install full checkpoint tensors into a sharded model, keeping only this rank's rows
-    (dim-0 `torch.chunk` shards, FSDP2's layout); unsharded parameters are copied whole."""
+    (dim-0 `torch.chunk` shards, FSDP2's layout); unsharded parameters are copied whole.
+    `merge` (adapters) is applied to exactly the rows this rank keeps, before they are installed."""
     params = dict(model.named_parameters())
     seen = set()
     with torch.no_grad():
@@ -123,8 +129,12 @@ def copy_into_shards(model: nn.Module, tensors: Iterable[Tuple[str, torch.Tensor
                 part = chunks[index] if index < len(chunks) else full[:0]
                 if tuple(part.shape) != tuple(local.shape):
                     raise RuntimeError(f"FSDP shard of {name}: expected {tuple(local.shape)}, got {tuple(part.shape)}")
+                if merge is not None:
+                    merge(name, part, sum(c.shape[0] for c in chunks[:index]))
                 local.copy_(part)
             else:
+                if merge is not None:
+                    merge(name, full, 0)
                 param.copy_(full)
             seen.add(name)
             del full
@@ -134,9 +144,11 @@ def copy_into_shards(model: nn.Module, tensors: Iterable[Tuple[str, torch.Tensor
 
 
 def load_dit_sharded(expert_dir: Union[str, "os.PathLike[str]"], *, device: torch.device, dtype: torch.dtype,
-                     mesh, prepare: Optional[Callable[[nn.Module], nn.Module]] = None) -> nn.Module:
+                     mesh, prepare: Optional[Callable[[nn.Module], nn.Module]] = None,
+                     merge: Optional[RowMerge] = None) -> nn.Module:
     """One expert, FSDP-sharded over `mesh` as it loads: meta build -> `prepare` (e.g. the
-    Ulysses patch) -> shard -> allocate the shards on `device` -> stream the checkpoint."""
+    Ulysses patch) -> shard -> allocate the shards on `device` -> stream the checkpoint, with
+    `merge` (adapter deltas) applied to each tensor's rows before they enter the shards."""
     from ..models.dit import WanDiT
     from ..models.dit_loading import FLOAT32_PARAMS, inspect_expert, stream_tensors
 
@@ -150,9 +162,9 @@ def load_dit_sharded(expert_dir: Union[str, "os.PathLike[str]"], *, device: torc
     if fsdp2_available():
         apply_fsdp(model, mesh, units=DIT_UNITS)
         model.to_empty(device=device)
-        copy_into_shards(model, stream_tensors(records), source)
+        copy_into_shards(model, stream_tensors(records), source, merge=merge)
         return model.eval().requires_grad_(False)
-    return _fsdp1_streamed(model, stream_tensors(records), device, source, units=DIT_UNITS)
+    return _fsdp1_streamed(model, stream_tensors(records), device, source, units=DIT_UNITS, merge=merge)
 
 
 def load_t5_sharded(path: Union[str, "os.PathLike[str]"], *, device: torch.device, dtype: torch.dtype,
@@ -176,7 +188,8 @@ def load_t5_sharded(path: Union[str, "os.PathLike[str]"], *, device: torch.devic
 
 # --------------------------------------------------------------------------- FSDP1 (torch < 2.4)
 def _fsdp1_streamed(model: nn.Module, tensors: Iterator[Tuple[str, torch.Tensor]], device: torch.device,
-                    source: str, *, units: Iterable[str] = (), shard_root: bool = True) -> nn.Module:
+                    source: str, *, units: Iterable[str] = (), shard_root: bool = True,
+                    merge: Optional[RowMerge] = None) -> nn.Module:
     """FSDP1 fallback: materialise the meta-built model on the host, stream the tensors in, and
     wrap each unit (every block, then `units`) as soon as all its tensors have arrived --
     wrapping shards it onto `device` and frees the host copy. Then the root is wrapped
@@ -199,6 +212,8 @@ def _fsdp1_streamed(model: nn.Module, tensors: Iterator[Tuple[str, torch.Tensor]
             if name not in params:
                 raise CheckpointError(f"{source}: unexpected tensor {name}")
             params[name].copy_(full.to(params[name].dtype))
+            if merge is not None:  # on the whole host tensor, before wrapping shards it
+                merge(name, params[name].data, 0)
             for prefix in prefixes:
                 if name.startswith(prefix + "."):
                     pending[prefix].discard(name[len(prefix) + 1:])
