@@ -183,3 +183,33 @@ def test_cli_refuses_cfg_size_2_with_guidance_off_before_loading(golden, golden_
     assert info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nothing to split: use --ulysses-size" in err[0] and not out.exists()
+
+
+# --------------------------------------------------------------------------- plan
+def test_plan_counts_four_forwards_for_the_distilled_run():
+    from wanengine.plan import format_plan, make_plan
+
+    guided = make_plan(size="1280*720", steps=40, solver="unipc")
+    distilled = make_plan(size="1280*720", steps=4, solver="euler", guide_scale=(1.0, 1.0))
+    assert (guided.flops.dit_forwards, distilled.flops.dit_forwards) == (80, 4)
+    assert distilled.flops.per_video == 4 * guided.flops.per_forward
+    assert guided.flops.per_video / distilled.flops.per_video == 20.0
+    assert distilled.flops.t5 == guided.flops.t5 / 2  # the negative prompt is not encoded
+    mixed = make_plan(steps=4, solver="euler", guide_scale=(1.0, 3.5), cfg_size=2, ulysses_size=1)
+    assert (mixed.flops.dit_forwards, mixed.flops.dit_forwards_per_device) == (6, 4)
+    assert "4 steps, 4 forwards" in format_plan(make_plan(steps=4, solver="euler", cfg=False))
+
+
+def test_plan_cli_preset(capsys):
+    from wanengine import cli
+
+    with pytest.raises(SystemExit) as info:
+        cli.main(["plan", "--preset", "distill-4step", "--hardware", "h100"])
+    assert info.value.code in (0, None)
+    text = capsys.readouterr().out
+    assert "4 steps (euler), guidance off" in text and "video (4 steps, 4 forwards)" in text
+    with pytest.raises(SystemExit):
+        cli.main(["plan", "--preset", "distill-4step", "--guide-scale", "1.0,3.5", "--json"])
+    import json
+
+    assert json.loads(capsys.readouterr().out)["flops"]["dit_forwards"] == 6

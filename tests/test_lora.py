@@ -220,3 +220,26 @@ def test_end_to_end_with_adapters_equals_a_premerged_checkpoint(tmp_path, golden
     assert with_adapters.metadata["dit_forwards"] == 4
     report = with_adapters.metadata["adapters"]
     assert len(report) == 3 and "both.safetensors (strength 0.8) -> high_noise_model" in report[0]
+
+
+def test_info_on_a_lora_file(tmp_path, golden_ckpt, shapes, capsys):
+    import json
+
+    from wanengine import cli
+
+    pairs = random_lora(shapes, LINEAR_TARGETS[:2], rank=4, alpha=2.0)
+    tensors = {**lora_tensors(pairs, prefix="diffusion_model."),
+               "diffusion_model.blocks.1.cross_attn.v_img.lora_down.weight": torch.zeros(4, 256),
+               "diffusion_model.blocks.0.norm3.diff": torch.zeros(256)}
+    path = write_lora(tmp_path / "l.safetensors", tensors)
+    with pytest.raises(SystemExit) as info:
+        cli.main(["info", "--lora", str(path), "--ckpt-dir", str(golden_ckpt), "--json"])
+    assert info.value.code in (0, None)
+    described = json.loads(capsys.readouterr().out)[0]
+    low = described["experts"][1]
+    assert low["ranks"] == {"4": 2} and low["alphas"] == {"2": 2} and low["skipped_clip_keys"] == 1
+    assert low["target_modules"] == {"blocks.*.cross_attn.k.weight": 1, "blocks.*.norm3.weight": 1,
+                                     "blocks.*.self_attn.q.weight": 1}
+    with pytest.raises(SystemExit) as info:  # the tiny adapter does not fit the released A14B shapes
+        cli.main(["info", "--lora", str(path)])
+    assert info.value.code == 2 and "do not fit the Wan2.2-I2V-A14B expert" in capsys.readouterr().err

@@ -143,14 +143,16 @@ _SAMPLING_PARAMS = {"steps": "sample_steps", "shift": "sample_shift", "solver": 
 
 
 def _sampling_options(context: Optional[typer.Context], preset: Optional[str], denoising_steps: Optional[str],
-                      **values) -> dict:
+                      names: Optional[dict] = None, **values) -> dict:
     """steps / shift / solver / guide_scale (+ denoising_steps): each flag given on the command
-    line wins, then the preset's value, then the flag's default."""
+    line wins, then the preset's value, then the flag's default. `names`: option -> the
+    command's parameter name (default: the i2v command's)."""
+    names = names or _SAMPLING_PARAMS
     from .config import parse_step_list
     from .presets import resolve_with_preset
 
     def given(key: str) -> bool:
-        source = context.get_parameter_source(_SAMPLING_PARAMS[key]) if context is not None else None
+        source = context.get_parameter_source(names[key]) if context is not None else None
         return source is None or source.name not in ("DEFAULT", "DEFAULT_MAP")
 
     explicit = {key: value for key, value in values.items() if given(key)}
@@ -183,10 +185,21 @@ def demo(
 @app.command()
 @handles_errors
 def info(
-    ckpt_dir: Path = typer.Option(..., "--ckpt-dir", "--ckpt_dir", help="Checkpoint directory."),
+    ckpt_dir: Optional[Path] = typer.Option(None, "--ckpt-dir", "--ckpt_dir", help="Checkpoint directory."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    lora: Optional[List[Path]] = typer.Option(None, "--lora", rich_help_panel="Few-step and LoRA",
+                                              help="A LoRA file: target modules, rank, alpha, what is skipped "
+                                                   "(checked against --ckpt-dir, else the released shapes)."),
 ) -> None:
     """What is in a checkpoint (component sizes, dtypes, configs) without loading weights."""
+    if lora:
+        from .adapters.inspect import describe_adapter, format_adapter
+
+        adapters = [describe_adapter(path, ckpt_dir) for path in lora]
+        print(json.dumps(adapters, indent=1) if as_json else "\n\n".join(format_adapter(a) for a in adapters))
+        return
+    if ckpt_dir is None:
+        raise UserInputError("--ckpt-dir: give a checkpoint directory (or --lora FILE to describe an adapter)")
     from .io.inspect import describe_checkpoint, format_description
 
     description = describe_checkpoint(ckpt_dir)
@@ -221,14 +234,31 @@ def plan_command(
     efficiency: Optional[float] = typer.Option(None, "--efficiency", help="Fraction of peak achieved."),
     link_gbps: Optional[float] = typer.Option(None, "--link-gbps", help="Per-link bandwidth for communication."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+    guide_scale: Optional[str] = typer.Option(None, "--guide-scale", "--sample_guide_scale",
+                                              rich_help_panel="Few-step and LoRA",
+                                              help="LOW,HIGH: a step whose expert has 1.0 runs one forward."),
+    sample_shift: float = typer.Option(5.0, "--sample-shift", "--sample_shift", rich_help_panel="Few-step and LoRA",
+                                       help="Flow shift (routes the steps to the experts with --guide-scale)."),
+    preset: Optional[str] = typer.Option(None, "--preset", rich_help_panel="Few-step and LoRA",
+                                         help="distill-4step: euler, 4 steps, shift 5.0, guidance off."),
+    context: typer.Context = None,  # which flags were given explicitly (they override --preset)
 ) -> None:
     """Estimate FLOP, memory per device and time for one video; needs no weights."""
     import dataclasses
 
+    from .config import parse_guide_scale
     from .plan import format_plan, make_plan
 
+    if preset:
+        names = {"steps": "steps", "shift": "sample_shift", "solver": "solver", "guide_scale": "guide_scale"}
+        sampling = _sampling_options(context, preset, None, names, steps=steps, shift=sample_shift, solver=solver,
+                                     guide_scale=guide_scale if guide_scale is not None else ("3.5,3.5" if guidance
+                                                                                              else "1.0,1.0"))
+        steps, sample_shift, solver = sampling["steps"], sampling["shift"], sampling["solver"]
+        guide_scale = sampling["guide_scale"]
+    scales = parse_guide_scale(guide_scale) if guide_scale is not None else None
     result = make_plan(size=size, max_area=max_area, image_aspect=image_aspect, frame_num=frame_num, steps=steps,
-                       solver=solver, cfg=guidance, world_size=world_size, ulysses_size=ulysses_size, cfg_size=cfg_size,
+                       solver=solver, cfg=guidance, guide_scale=scales, shift=sample_shift, world_size=world_size, ulysses_size=ulysses_size, cfg_size=cfg_size,
                        dit_fsdp=dit_fsdp, t5_fsdp=t5_fsdp, t5_cpu=t5_cpu, offload=offload_model, cfg_batch=cfg_batch,
                        dtype=dtype, vae_parallel=vae_parallel, device=hardware, device_peak_tflops=peak_tflops,
                        device_memory_gb=memory_gb, efficiency=efficiency, link_gbps=link_gbps)
