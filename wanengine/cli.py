@@ -246,23 +246,29 @@ def plan_command(
     """Estimate FLOP, memory per device and time for one video; needs no weights."""
     import dataclasses
 
-    from .config import parse_guide_scale
     from .plan import format_plan, make_plan
+
+    steps, solver, sample_shift, scales = _plan_sampling(context, preset, steps, solver, sample_shift, guide_scale)
+    result = make_plan(size=size, max_area=max_area, image_aspect=image_aspect, frame_num=frame_num, steps=steps,
+                       solver=solver, cfg=guidance, world_size=world_size, ulysses_size=ulysses_size, cfg_size=cfg_size,
+                       dit_fsdp=dit_fsdp, t5_fsdp=t5_fsdp, t5_cpu=t5_cpu, offload=offload_model, cfg_batch=cfg_batch,
+                       dtype=dtype, vae_parallel=vae_parallel, device=hardware, device_peak_tflops=peak_tflops,
+                       device_memory_gb=memory_gb, efficiency=efficiency, link_gbps=link_gbps,
+                       guide_scale=scales, shift=sample_shift)
+    print(json.dumps(dataclasses.asdict(result), indent=2, default=str) if as_json else format_plan(result))
+
+
+def _plan_sampling(context, preset: Optional[str], steps: int, solver: str, shift: float,
+                   guide_scale: Optional[str]):
+    """(steps, solver, shift, (low, high) guide scales or None) for `plan`, with --preset."""
+    from .config import parse_guide_scale
 
     if preset:
         names = {"steps": "steps", "shift": "sample_shift", "solver": "solver", "guide_scale": "guide_scale"}
-        sampling = _sampling_options(context, preset, None, names, steps=steps, shift=sample_shift, solver=solver,
-                                     guide_scale=guide_scale if guide_scale is not None else ("3.5,3.5" if guidance
-                                                                                              else "1.0,1.0"))
-        steps, sample_shift, solver = sampling["steps"], sampling["shift"], sampling["solver"]
-        guide_scale = sampling["guide_scale"]
-    scales = parse_guide_scale(guide_scale) if guide_scale is not None else None
-    result = make_plan(size=size, max_area=max_area, image_aspect=image_aspect, frame_num=frame_num, steps=steps,
-                       solver=solver, cfg=guidance, guide_scale=scales, shift=sample_shift, world_size=world_size, ulysses_size=ulysses_size, cfg_size=cfg_size,
-                       dit_fsdp=dit_fsdp, t5_fsdp=t5_fsdp, t5_cpu=t5_cpu, offload=offload_model, cfg_batch=cfg_batch,
-                       dtype=dtype, vae_parallel=vae_parallel, device=hardware, device_peak_tflops=peak_tflops,
-                       device_memory_gb=memory_gb, efficiency=efficiency, link_gbps=link_gbps)
-    print(json.dumps(dataclasses.asdict(result), indent=2, default=str) if as_json else format_plan(result))
+        sampling = _sampling_options(context, preset, None, names, steps=steps, shift=shift, solver=solver,
+                                     guide_scale=guide_scale)
+        steps, solver, shift, guide_scale = (sampling[k] for k in ("steps", "solver", "shift", "guide_scale"))
+    return steps, solver, shift, parse_guide_scale(guide_scale) if guide_scale is not None else None
 
 
 # --------------------------------------------------------------------------- entry point

@@ -27,7 +27,7 @@ class StepProgress:
 
     def update(self, info: StepInfo) -> None:
         if self._bar is not None:
-            self._bar.set_postfix_str(f"t={info.timestep} expert={_SHORT.get(info.expert, info.expert)}", refresh=False)
+            self._bar.set_postfix_str(f"t={info.timestep:g} expert={_SHORT.get(info.expert, info.expert)}", refresh=False)
             self._bar.update(1)
 
     def __exit__(self, *exc) -> None:
