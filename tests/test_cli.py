@@ -10,7 +10,7 @@ from wanengine import cli, run
 def captured(monkeypatch):
     seen = {}
 
-    def fake_preflight(cfg, opts, image, out, metrics_json):
+    def fake_preflight(cfg, opts, image, out, metrics_json, **_):
         seen.update(cfg=cfg, opts=opts, image=image, out=out, metrics=metrics_json)
         return "plan"
 
@@ -52,10 +52,16 @@ def test_offload_model_true_and_pair_guidance(captured):
     assert cfg.offload_model is True and opts.guidance == (3.0, 4.5)
 
 
-def test_translate_reference_flags():
-    assert cli.translate_reference_flags(["--offload_model", "false", "--x"]) == ["--no-offload-model", "--x"]
-    assert cli.translate_reference_flags(["--offload_model=True"]) == ["--offload-model"]
-    assert cli.translate_reference_flags(["--offload_model"]) == ["--offload-model"]
+def test_reference_offload_model_values():
+    import typer
+
+    from wanengine.cli_argv import normalize_argv
+
+    group = typer.main.get_command(cli.app)
+    assert normalize_argv(["i2v", "--offload_model", "false", "--t5_cpu"], group) == ["i2v", "--no-offload-model",
+                                                                                     "--t5-cpu"]
+    assert normalize_argv(["i2v", "--offload_model=True"], group) == ["i2v", "--offload-model"]
+    assert normalize_argv(["i2v", "--offload_model"], group) == ["i2v", "--offload-model"]
 
 
 def test_unknown_task_is_a_usage_error(captured, capsys):

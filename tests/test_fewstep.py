@@ -153,7 +153,7 @@ def test_cli_preset_and_explicit_overrides(monkeypatch):
     from wanengine import cli, run
 
     seen = {}
-    monkeypatch.setattr(run, "preflight_run", lambda cfg, opts, *a: seen.update(opts=opts) or "plan")
+    monkeypatch.setattr(run, "preflight_run", lambda cfg, opts, *a, **kw: seen.update(opts=opts) or "plan")
     monkeypatch.setattr(run, "run_i2v", lambda plan, say: None)
     base = ["i2v", "--ckpt-dir", "c", "--image", "i", "--prompt", "p"]
     for extra, want in (

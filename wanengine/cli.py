@@ -2,23 +2,40 @@
 all model logic lives in `wanengine.engine`.
 
 Exit codes: 0 success, 2 usage or input errors (one line on stderr, no traceback), 1 runtime
-failures (`--debug` shows the traceback), 130 interrupted. The reference release's flag
-spellings (`--ckpt_dir`, `--sample_steps`, `--base_seed`, `--save_file`, ...) are accepted too.
+failures (`--debug` shows the traceback), 130 interrupted. The official `generate.py`
+command lines work unchanged: `wanengine.cli_argv` rewrites the reference's spellings
+(`--ckpt_dir`, `--sample_steps`, `--base_seed`, `--save_file`, `--offload_model True`, ...)
+before parsing, so the help shows one spelling per option. Arguments are parsed and
+validated before torch is imported: `--help` and usage errors come back at once.
 """
 from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Callable, List, Optional
 
 import typer
 
+from . import __version__
+from .cli_argv import UsageError
 from .errors import UserInputError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="wanengine: Wan2.2-I2V-A14B image-to-video inference (Ascend NPU, CUDA, CPU).")
+                  context_settings={"help_option_names": ["-h", "--help"]},
+                  help="wanengine: Wan2.2-I2V-A14B image-to-video inference (Ascend NPU, CUDA, CPU).\n\n"
+                       "Global options (--quiet/-q, --verbose/-v, --debug) may also follow the command.")
+
+# Help panels of `i2v` (and `plan`); other features add their own panel names.
+INPUTS = "Inputs"
+SAMPLING = "Sampling"
+PERFORMANCE = "Performance / memory"
+PARALLEL = "Parallel (torchrun)"
+OUTPUT = "Output"
+HARDWARE = "Hardware model"
+FEWSTEP = "Few-step and LoRA"
 
 
 class _State:
@@ -32,9 +49,36 @@ def say(message: str, level: int = 1) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
+def lead_rank() -> bool:
+    """True except on the ranks 1.. of a torchrun job (they stay quiet about errors)."""
+    return os.environ.get("RANK", "0") in ("", "0")
+
+
 def fail(message: str, code: int) -> None:
-    print(f"wanengine: error: {message}", file=sys.stderr, flush=True)
+    """One error line (on rank 0 only; other ranks show theirs with --verbose), then exit `code`."""
+    if lead_rank():
+        print(f"wanengine: error: {message}", file=sys.stderr, flush=True)
+    elif _State.verbosity >= 2:
+        print(f"wanengine: rank {os.environ.get('RANK')}: error: {message}", file=sys.stderr, flush=True)
     raise typer.Exit(code)
+
+
+# Library argument names -> the CLI flag a user typed (errors name the argument, see errors.py).
+ARGUMENT_FLAGS = {"steps": "--sample-steps", "shift": "--sample-shift", "solver": "--sample-solver",
+                  "seed": "--seed", "guide_scale": "--guide-scale", "path": "--out"}
+
+
+def flag_for(argument: str) -> str:
+    return ARGUMENT_FLAGS.get(argument, "--" + argument.replace("_", "-"))
+
+
+def user_message(exc: UserInputError) -> str:
+    """The message of a user error, with a library argument name replaced by its CLI flag."""
+    argument = getattr(exc, "argument", None)
+    detail = getattr(exc, "detail", None)
+    if argument and detail is not None:
+        return f"{flag_for(argument)}: {detail}"
+    return str(exc)
 
 
 def handles_errors(command: Callable) -> Callable:
@@ -49,9 +93,10 @@ def handles_errors(command: Callable) -> Callable:
         except UserInputError as exc:
             if _State.debug:
                 raise
-            fail(str(exc), 2)
+            fail(user_message(exc), 2)
         except KeyboardInterrupt:
-            print("wanengine: interrupted; no output was written", file=sys.stderr)
+            if lead_rank():
+                print("wanengine: interrupted; no output was written", file=sys.stderr)
             raise typer.Exit(130)
         except Exception as exc:  # runtime failure: one line unless --debug
             if _State.debug:
@@ -62,80 +107,127 @@ def handles_errors(command: Callable) -> Callable:
     return wrapper
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        print(f"wanengine {__version__}")
+        raise typer.Exit(0)
+
+
 @app.callback()
 def _global(
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="More output."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors; no progress bar or tables."),
+    debug: bool = typer.Option(False, "--debug", metavar="", help="Show tracebacks for errors."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", metavar="", help="More output (engine settings, every rank's errors)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", metavar="", help="Only errors: no progress lines, bar or tables."),
+    version: bool = typer.Option(False, "--version", metavar="", callback=_show_version, is_eager=True,
+                                 help="Print the version and exit."),
 ) -> None:
     _State.debug = debug
     _State.verbosity = 0 if quiet else (2 if verbose else 1)
 
 
 # --------------------------------------------------------------------------- i2v
-@app.command()
+@app.command(epilog="The reference's spellings (--ckpt_dir, --frame_num, --sample_steps, --base_seed, "
+                    "--save_file, --offload_model True, --convert_model_dtype, --task i2v-A14B, ...) are "
+                    "accepted too. Global options may follow the command.")
 @handles_errors
 def i2v(
-    ckpt_dir: Path = typer.Option(..., "--ckpt-dir", "--ckpt_dir", help="Released Wan2.2-I2V-A14B checkpoint directory."),
-    image: Path = typer.Option(..., "--image", help="Input image (any format PIL reads; EXIF orientation applied)."),
-    prompt: str = typer.Option(..., "--prompt", help="Text prompt."),
-    negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", "--negative_prompt",
-                                                  help="Negative prompt (default: the reference's)."),
-    size: Optional[str] = typer.Option(None, "--size", help="W*H, e.g. 1280*720 or 832*480; sets the max area."),
-    max_area: Optional[int] = typer.Option(None, "--max-area", "--max_area", help="Pixel area (overrides --size)."),
-    frame_num: int = typer.Option(81, "--frame-num", "--frame_num", help="Frames, 4n+1."),
-    sample_steps: int = typer.Option(40, "--sample-steps", "--sample_steps", help="Denoising steps."),
-    sample_shift: float = typer.Option(5.0, "--sample-shift", "--sample_shift", help="Flow shift (3.0 suits 480p)."),
-    sample_solver: str = typer.Option("unipc", "--sample-solver", "--sample_solver", help="unipc or dpm++."),
-    guide_scale: str = typer.Option("3.5,3.5", "--guide-scale", "--sample_guide_scale", "--sample-guide-scale",
+    ckpt_dir: Path = typer.Option(..., "--ckpt-dir", rich_help_panel=INPUTS,
+                                  help="Released Wan2.2-I2V-A14B checkpoint directory."),
+    image: Path = typer.Option(..., "--image", rich_help_panel=INPUTS,
+                               help="Input image (any format PIL reads; EXIF orientation applied)."),
+    prompt: str = typer.Option(..., "--prompt", rich_help_panel=INPUTS, help="Text prompt."),
+    negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", rich_help_panel=INPUTS,
+                                                  show_default="the reference's", help="Negative prompt."),
+    size: Optional[str] = typer.Option(None, "--size", rich_help_panel=SAMPLING, show_default="1280*720",
+                                       help="W*H whose area bounds the frame; the image's aspect is kept."),
+    max_area: Optional[int] = typer.Option(None, "--max-area", rich_help_panel=SAMPLING, show_default="W*H of --size",
+                                           help="Pixel area of the frame (overrides --size)."),
+    frame_num: int = typer.Option(81, "--frame-num", rich_help_panel=SAMPLING, help="Frames, 4n+1."),
+    sample_steps: int = typer.Option(40, "--sample-steps", rich_help_panel=SAMPLING, help="Denoising steps."),
+    sample_shift: float = typer.Option(5.0, "--sample-shift", rich_help_panel=SAMPLING,
+                                       help="Flow shift (3.0 suits 480p)."),
+    sample_solver: str = typer.Option("unipc", "--sample-solver", rich_help_panel=SAMPLING,
+                                      help="unipc, dpm++ or euler."),
+    guide_scale: str = typer.Option("3.5,3.5", "--guide-scale", rich_help_panel=SAMPLING,
                                     help="One value, or LOW,HIGH for the low-/high-noise experts."),
-    seed: int = typer.Option(-1, "--seed", "--base_seed", "--base-seed", help="Seed; negative draws one."),
-    out: Optional[Path] = typer.Option(None, "--out", "--save_file", "--save-file", help="Output .mp4 or .safetensors."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda[:N], npu[:N] (default: best available)."),
-    dtype: str = typer.Option("bfloat16", "--dtype", help="float32, bfloat16 or float16."),
-    kernel_backend: str = typer.Option("auto", "--kernel-backend", "--kernel_backend", help="auto, reference, cuda, npu."),
-    offload_model: Optional[bool] = typer.Option(None, "--offload-model/--no-offload-model",
+    seed: int = typer.Option(-1, "--seed", rich_help_panel=SAMPLING, help="Seed; negative draws one."),
+    device: Optional[str] = typer.Option(None, "--device", rich_help_panel=PERFORMANCE, show_default="npu > cuda > cpu",
+                                         help="cpu, cuda[:N] or npu[:N]."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", rich_help_panel=PERFORMANCE, show_default="bfloat16",
+                                        help="float32, bfloat16 or float16 (DiT and T5)."),
+    kernel_backend: str = typer.Option("auto", "--kernel-backend", rich_help_panel=PERFORMANCE,
+                                       help="auto, reference, cuda or npu."),
+    offload_model: Optional[bool] = typer.Option(None, "--offload-model/--no-offload-model", metavar="", rich_help_panel=PERFORMANCE,
+                                                 show_default="on for an accelerator, off on CPU",
                                                  help="Keep only the active expert on the device."),
-    t5_cpu: bool = typer.Option(False, "--t5-cpu", "--t5_cpu", help="Run the text encoder on the CPU."),
-    vae_tile_rows: Optional[int] = typer.Option(None, "--vae-tile-rows", help="Decode in exact bands of N latent rows."),
-    ulysses_size: int = typer.Option(1, "--ulysses-size", "--ulysses_size", help="Sequence-parallel degree."),
-    cfg_size: int = typer.Option(1, "--cfg-size", "--cfg_size", help="2: the guidance branches on two groups."),
-    dit_fsdp: bool = typer.Option(False, "--dit-fsdp", "--dit_fsdp", help="Shard the DiT experts (FSDP)."),
-    t5_fsdp: bool = typer.Option(False, "--t5-fsdp", "--t5_fsdp", help="Shard the text encoder (FSDP)."),
-    vae_parallel: bool = typer.Option(False, "--vae-parallel", "--vae_parallel", help="Split the VAE over the ranks."),
-    metrics_json: Optional[Path] = typer.Option(None, "--metrics-json", help="Write timings, settings, seed, versions."),
-    task: str = typer.Option("i2v-A14B", "--task", help="Accepted for reference scripts; must be i2v-A14B."),
-    preset: Optional[str] = typer.Option(None, "--preset", rich_help_panel="Few-step and LoRA",
+    t5_cpu: bool = typer.Option(False, "--t5-cpu", metavar="", rich_help_panel=PERFORMANCE, help="Run the text encoder on the CPU."),
+    vae_tile_rows: Optional[int] = typer.Option(None, "--vae-tile-rows", rich_help_panel=PERFORMANCE,
+                                                show_default="untiled", help="Decode in exact bands of N latent rows."),
+    ulysses_size: int = typer.Option(1, "--ulysses-size", rich_help_panel=PARALLEL, help="Sequence-parallel degree."),
+    cfg_size: int = typer.Option(1, "--cfg-size", rich_help_panel=PARALLEL,
+                                 help="2: the guidance branches on two groups of cards."),
+    dit_fsdp: bool = typer.Option(False, "--dit-fsdp", metavar="", rich_help_panel=PARALLEL, help="Shard the DiT experts (FSDP)."),
+    t5_fsdp: bool = typer.Option(False, "--t5-fsdp", metavar="", rich_help_panel=PARALLEL, help="Shard the text encoder (FSDP)."),
+    vae_parallel: bool = typer.Option(False, "--vae-parallel", metavar="", rich_help_panel=PARALLEL,
+                                      help="Split the VAE over the ranks."),
+    out: Optional[Path] = typer.Option(None, "--out", rich_help_panel=OUTPUT, show_default="named from the settings",
+                                       help="Output .mp4 or .safetensors."),
+    metrics_json: Optional[Path] = typer.Option(None, "--metrics-json", rich_help_panel=OUTPUT,
+                                                help="Write timings, settings, seed, versions as JSON."),
+    convert_model_dtype: bool = typer.Option(False, "--convert-model-dtype", metavar="", hidden=True,
+                                             help="Reference flag: the DiT runs in bfloat16 (the engine always "
+                                                  "converts to --dtype)."),
+    task: str = typer.Option("i2v-A14B", "--task", hidden=True, help="Reference flag; must be i2v-A14B."),
+    preset: Optional[str] = typer.Option(None, "--preset", rich_help_panel=FEWSTEP,
                                          help="distill-4step: euler, 4 steps, shift 5.0, guidance 1.0 "
                                               "(explicit flags override)."),
-    denoising_steps: Optional[str] = typer.Option(None, "--denoising-steps", rich_help_panel="Few-step and LoRA",
+    denoising_steps: Optional[str] = typer.Option(None, "--denoising-steps", rich_help_panel=FEWSTEP,
                                                   help="Euler timesteps, e.g. 1000,750,500,250."),
-    lora: Optional[List[str]] = typer.Option(None, "--lora", rich_help_panel="Few-step and LoRA",
+    lora: Optional[List[str]] = typer.Option(None, "--lora", rich_help_panel=FEWSTEP,
                                              help="PATH[:STRENGTH] adapter for both experts (repeatable)."),
-    lora_high: Optional[List[str]] = typer.Option(None, "--lora-high", rich_help_panel="Few-step and LoRA",
+    lora_high: Optional[List[str]] = typer.Option(None, "--lora-high", rich_help_panel=FEWSTEP,
                                                   help="PATH[:STRENGTH] adapter for the high-noise expert."),
-    lora_low: Optional[List[str]] = typer.Option(None, "--lora-low", rich_help_panel="Few-step and LoRA",
+    lora_low: Optional[List[str]] = typer.Option(None, "--lora-low", rich_help_panel=FEWSTEP,
                                                  help="PATH[:STRENGTH] adapter for the low-noise expert."),
     context: typer.Context = None,  # which flags were given explicitly (they override --preset)
 ) -> None:
     """Generate a video from an image and a prompt."""
     from .adapters.spec import lora_specs_from_flags
+    from .clock import process_age
     from .config import EngineConfig, GenerationOptions
-    from .run import preflight_run, run_i2v
 
-    if task != "i2v-A14B":
-        raise UserInputError(f"--task: {task!r} is not supported; this engine runs i2v-A14B")
+    startup = process_age()  # interpreter, imports and parsing: the first row of the stage table
+    check_task(task)
     sampling = _sampling_options(context, preset, denoising_steps, steps=sample_steps, shift=sample_shift,
                                  solver=sample_solver, guide_scale=guide_scale)
     opts = GenerationOptions(prompt=prompt, negative_prompt=negative_prompt, size=size, max_area=max_area,
                              frame_num=frame_num, seed=seed, **sampling)
-    cfg = EngineConfig(ckpt_dir=str(ckpt_dir), device=device, dtype=dtype, kernel_backend=kernel_backend,
-                       offload_model=offload_model, t5_cpu=t5_cpu, vae_tile_rows=vae_tile_rows,
-                       ulysses_size=ulysses_size, cfg_size=cfg_size, dit_fsdp=dit_fsdp, t5_fsdp=t5_fsdp,
-                       vae_parallel=vae_parallel, progress=_State.verbosity > 0,
+    cfg = EngineConfig(ckpt_dir=str(ckpt_dir), device=device, dtype=resolve_dtype(dtype, convert_model_dtype),
+                       kernel_backend=kernel_backend, offload_model=offload_model, t5_cpu=t5_cpu,
+                       vae_tile_rows=vae_tile_rows, ulysses_size=ulysses_size, cfg_size=cfg_size, dit_fsdp=dit_fsdp,
+                       t5_fsdp=t5_fsdp, vae_parallel=vae_parallel, progress=_State.verbosity > 0,
                        loras=tuple(lora_specs_from_flags(lora or (), lora_high or (), lora_low or ())))
-    plan = preflight_run(cfg, opts, image, out, metrics_json)
+    cfg.validate(), opts.validate()  # usage errors before torch is imported
+
+    from .run import preflight_run, run_i2v
+
+    plan = preflight_run(cfg, opts, image, out, metrics_json, startup=startup)
     run_i2v(plan, say=say)
+
+
+def check_task(task: str) -> None:
+    if task != "i2v-A14B":
+        raise UserInputError(f"--task {task}: not supported by this engine (it runs i2v-A14B only)")
+
+
+def resolve_dtype(dtype: Optional[str], convert_model_dtype: bool) -> str:
+    """--dtype, defaulting to bfloat16. The reference's --convert_model_dtype casts the DiT to its
+    bfloat16 parameter dtype, which is what the engine does anyway; it only conflicts with
+    another explicit --dtype."""
+    if convert_model_dtype and dtype not in (None, "bfloat16"):
+        raise UserInputError(f"--convert_model_dtype converts the model to bfloat16, but --dtype is {dtype}; "
+                             "give one of them")
+    return dtype or "bfloat16"
 
 
 _SAMPLING_PARAMS = {"steps": "sample_steps", "shift": "sample_shift", "solver": "sample_solver",
@@ -147,9 +239,10 @@ def _sampling_options(context: Optional[typer.Context], preset: Optional[str], d
     """steps / shift / solver / guide_scale (+ denoising_steps): each flag given on the command
     line wins, then the preset's value, then the flag's default. `names`: option -> the
     command's parameter name (default: the i2v command's)."""
-    names = names or _SAMPLING_PARAMS
     from .config import parse_step_list
     from .presets import resolve_with_preset
+
+    names = names or _SAMPLING_PARAMS
 
     def given(key: str) -> bool:
         source = context.get_parameter_source(names[key]) if context is not None else None
@@ -172,7 +265,8 @@ def _sampling_options(context: Optional[typer.Context], preset: Optional[str], d
 @handles_errors
 def demo(
     out: Path = typer.Option(Path("demo.mp4"), "--out", help="Where to write the demo video (.mp4 or .safetensors)."),
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where the random demo checkpoint is kept."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", show_default="$WANENGINE_CACHE or ~/.cache/wanengine",
+                                             help="Where the random demo checkpoint is kept."),
     seed: int = typer.Option(42, "--seed", help="Seed of the generation."),
 ) -> None:
     """Run the whole pipeline on a small random-weight checkpoint (no downloads, < 1 minute on CPU)."""
@@ -185,9 +279,9 @@ def demo(
 @app.command()
 @handles_errors
 def info(
-    ckpt_dir: Optional[Path] = typer.Option(None, "--ckpt-dir", "--ckpt_dir", help="Checkpoint directory."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
-    lora: Optional[List[Path]] = typer.Option(None, "--lora", rich_help_panel="Few-step and LoRA",
+    ckpt_dir: Optional[Path] = typer.Option(None, "--ckpt-dir", help="Checkpoint directory."),
+    as_json: bool = typer.Option(False, "--json", metavar="", help="Print JSON instead of a table."),
+    lora: Optional[List[Path]] = typer.Option(None, "--lora", rich_help_panel=FEWSTEP,
                                               help="A LoRA file: target modules, rank, alpha, what is skipped "
                                                    "(checked against --ckpt-dir, else the released shapes)."),
 ) -> None:
@@ -206,40 +300,62 @@ def info(
     print(json.dumps(description, indent=1) if as_json else format_description(description))
 
 
-
 # --------------------------------------------------------------------------- plan
-@app.command("plan")
+@app.command("plan", epilog="Any i2v command line is accepted: options plan has no use for (--ckpt-dir, "
+                            "--prompt, --seed, --out, ...) are ignored.")
 @handles_errors
 def plan_command(
-    size: str = typer.Option("1280*720", "--size", help="W*H whose area bounds the frame."),
-    max_area: Optional[int] = typer.Option(None, "--max-area", "--max_area"),
-    image_aspect: Optional[float] = typer.Option(None, "--image-aspect", help="Input image height/width."),
-    frame_num: int = typer.Option(81, "--frame-num", "--frame_num"),
-    steps: int = typer.Option(40, "--sample-steps", "--sample_steps"),
-    solver: str = typer.Option("unipc", "--sample-solver", "--sample_solver"),
-    guidance: bool = typer.Option(True, "--cfg/--no-cfg", help="Guidance on: 2 forwards per step."),
-    world_size: Optional[int] = typer.Option(None, "--world-size", help="Default: cfg-size x ulysses-size."),
-    ulysses_size: int = typer.Option(1, "--ulysses-size", "--ulysses_size"),
-    cfg_size: int = typer.Option(1, "--cfg-size", "--cfg_size"),
-    dit_fsdp: bool = typer.Option(False, "--dit-fsdp", "--dit_fsdp"),
-    t5_fsdp: bool = typer.Option(False, "--t5-fsdp", "--t5_fsdp"),
-    t5_cpu: bool = typer.Option(False, "--t5-cpu", "--t5_cpu"),
-    offload_model: Optional[bool] = typer.Option(None, "--offload-model/--no-offload-model"),
-    cfg_batch: bool = typer.Option(True, "--cfg-batch/--no-cfg-batch"),
-    dtype: str = typer.Option("bfloat16", "--dtype"),
-    vae_parallel: bool = typer.Option(False, "--vae-parallel", "--vae_parallel"),
-    hardware: Optional[str] = typer.Option(None, "--hardware", help="h100, h200, ascend-a2 or cpu."),
-    peak_tflops: Optional[float] = typer.Option(None, "--peak-tflops"),
-    memory_gb: Optional[float] = typer.Option(None, "--memory-gb"),
-    efficiency: Optional[float] = typer.Option(None, "--efficiency", help="Fraction of peak achieved."),
-    link_gbps: Optional[float] = typer.Option(None, "--link-gbps", help="Per-link bandwidth for communication."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
-    guide_scale: Optional[str] = typer.Option(None, "--guide-scale", "--sample_guide_scale",
-                                              rich_help_panel="Few-step and LoRA",
+    size: str = typer.Option("1280*720", "--size", rich_help_panel=SAMPLING, help="W*H whose area bounds the frame."),
+    max_area: Optional[int] = typer.Option(None, "--max-area", rich_help_panel=SAMPLING, show_default="W*H of --size",
+                                           help="Pixel area of the frame (overrides --size)."),
+    image: Optional[Path] = typer.Option(None, "--image", rich_help_panel=SAMPLING, show_default="the size's aspect",
+                                         help="Input image: only its aspect ratio is read (from the header)."),
+    image_aspect: Optional[float] = typer.Option(None, "--image-aspect", rich_help_panel=SAMPLING,
+                                                 show_default="the size's", help="Input image height / width."),
+    frame_num: int = typer.Option(81, "--frame-num", rich_help_panel=SAMPLING, help="Frames, 4n+1."),
+    steps: int = typer.Option(40, "--sample-steps", rich_help_panel=SAMPLING, help="Denoising steps."),
+    solver: str = typer.Option("unipc", "--sample-solver", rich_help_panel=SAMPLING, help="unipc, dpm++ or euler."),
+    guidance: bool = typer.Option(True, "--cfg/--no-cfg", metavar="", rich_help_panel=SAMPLING,
+                                  help="Guidance on: 2 forwards per step."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", rich_help_panel=PERFORMANCE, show_default="bfloat16",
+                                        help="float32, bfloat16 or float16."),
+    device: Optional[str] = typer.Option(None, "--device", rich_help_panel=PERFORMANCE,
+                                         show_default="the --hardware kind",
+                                         help="cpu, cuda[:N] or npu[:N]: where the engine would place the weights."),
+    offload_model: Optional[bool] = typer.Option(None, "--offload-model/--no-offload-model", metavar="", rich_help_panel=PERFORMANCE,
+                                                 show_default="as the engine: on for an accelerator, off on CPU",
+                                                 help="Only the active expert on the device."),
+    t5_cpu: bool = typer.Option(False, "--t5-cpu", metavar="", rich_help_panel=PERFORMANCE, help="Text encoder on the CPU."),
+    cfg_batch: bool = typer.Option(True, "--cfg-batch/--no-cfg-batch", metavar="", rich_help_panel=PERFORMANCE,
+                                   help="Both guidance branches as one batch of 2."),
+    world_size: Optional[int] = typer.Option(None, "--world-size", rich_help_panel=PARALLEL,
+                                             show_default="cfg-size x ulysses-size", help="Number of devices."),
+    ulysses_size: int = typer.Option(1, "--ulysses-size", rich_help_panel=PARALLEL, help="Sequence-parallel degree."),
+    cfg_size: int = typer.Option(1, "--cfg-size", rich_help_panel=PARALLEL, help="2: guidance branches on two groups."),
+    dit_fsdp: bool = typer.Option(False, "--dit-fsdp", metavar="", rich_help_panel=PARALLEL, help="Shard the DiT experts (FSDP)."),
+    t5_fsdp: bool = typer.Option(False, "--t5-fsdp", metavar="", rich_help_panel=PARALLEL, help="Shard the text encoder (FSDP)."),
+    vae_parallel: bool = typer.Option(False, "--vae-parallel", metavar="", rich_help_panel=PARALLEL,
+                                      help="Split the VAE over the ranks."),
+    hardware: Optional[str] = typer.Option(None, "--hardware", rich_help_panel=HARDWARE,
+                                           show_default="none: memory and FLOP only",
+                                           help="Device preset: h100, h200, ascend-a2 or cpu."),
+    peak_tflops: Optional[float] = typer.Option(None, "--peak-tflops", rich_help_panel=HARDWARE,
+                                                show_default="the preset's", help="Dense bf16 peak, TFLOP/s."),
+    memory_gb: Optional[float] = typer.Option(None, "--memory-gb", rich_help_panel=HARDWARE,
+                                              show_default="the preset's", help="Device memory, GB."),
+    efficiency: Optional[float] = typer.Option(None, "--efficiency", rich_help_panel=HARDWARE,
+                                               show_default="the preset's (source printed)",
+                                               help="Fraction of the peak the DiT achieves."),
+    link_gbps: Optional[float] = typer.Option(None, "--link-gbps", rich_help_panel=HARDWARE,
+                                              show_default="the preset's", help="Per-link bandwidth, GB/s."),
+    as_json: bool = typer.Option(False, "--json", metavar="", rich_help_panel=OUTPUT, help="Print JSON instead of tables."),
+    convert_model_dtype: bool = typer.Option(False, "--convert-model-dtype", metavar="", hidden=True),
+    task: str = typer.Option("i2v-A14B", "--task", hidden=True),
+    guide_scale: Optional[str] = typer.Option(None, "--guide-scale", rich_help_panel=FEWSTEP,
                                               help="LOW,HIGH: a step whose expert has 1.0 runs one forward."),
-    sample_shift: float = typer.Option(5.0, "--sample-shift", "--sample_shift", rich_help_panel="Few-step and LoRA",
+    sample_shift: float = typer.Option(5.0, "--sample-shift", rich_help_panel=FEWSTEP,
                                        help="Flow shift (routes the steps to the experts with --guide-scale)."),
-    preset: Optional[str] = typer.Option(None, "--preset", rich_help_panel="Few-step and LoRA",
+    preset: Optional[str] = typer.Option(None, "--preset", rich_help_panel=FEWSTEP,
                                          help="distill-4step: euler, 4 steps, shift 5.0, guidance off."),
     context: typer.Context = None,  # which flags were given explicitly (they override --preset)
 ) -> None:
@@ -248,13 +364,15 @@ def plan_command(
 
     from .plan import format_plan, make_plan
 
+    check_task(task)
     steps, solver, sample_shift, scales = _plan_sampling(context, preset, steps, solver, sample_shift, guide_scale)
-    result = make_plan(size=size, max_area=max_area, image_aspect=image_aspect, frame_num=frame_num, steps=steps,
+    aspect = image_aspect if image_aspect is not None else (read_aspect(image) if image is not None else None)
+    result = make_plan(size=size, max_area=max_area, image_aspect=aspect, frame_num=frame_num, steps=steps,
                        solver=solver, cfg=guidance, world_size=world_size, ulysses_size=ulysses_size, cfg_size=cfg_size,
                        dit_fsdp=dit_fsdp, t5_fsdp=t5_fsdp, t5_cpu=t5_cpu, offload=offload_model, cfg_batch=cfg_batch,
-                       dtype=dtype, vae_parallel=vae_parallel, device=hardware, device_peak_tflops=peak_tflops,
-                       device_memory_gb=memory_gb, efficiency=efficiency, link_gbps=link_gbps,
-                       guide_scale=scales, shift=sample_shift)
+                       dtype=resolve_dtype(dtype, convert_model_dtype), vae_parallel=vae_parallel, device=hardware,
+                       device_peak_tflops=peak_tflops, device_memory_gb=memory_gb, efficiency=efficiency,
+                       link_gbps=link_gbps, placement=device, guide_scale=scales, shift=sample_shift)
     print(json.dumps(dataclasses.asdict(result), indent=2, default=str) if as_json else format_plan(result))
 
 
@@ -271,35 +389,59 @@ def _plan_sampling(context, preset: Optional[str], steps: int, solver: str, shif
     return steps, solver, shift, parse_guide_scale(guide_scale) if guide_scale is not None else None
 
 
+def read_aspect(image: Path) -> float:
+    """height / width of an image file, from its header (EXIF orientation applied)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(image) as handle:
+            width, height = handle.size
+            if handle.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # rotated by 90 degrees
+                width, height = height, width
+    except (OSError, UnidentifiedImageError) as exc:
+        raise UserInputError(f"--image: {image}: not a readable image ({exc})") from None
+    return height / width
+
+
 # --------------------------------------------------------------------------- entry point
-_REFERENCE_BOOL_VALUES = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
-
-
-def translate_reference_flags(argv: List[str]) -> List[str]:
-    """The reference passes `--offload_model True|False`; map it onto our boolean flag pair."""
-    result: List[str] = []
-    index = 0
-    while index < len(argv):
-        arg = argv[index]
-        name, eq, value = arg.partition("=")
-        if name == "--offload_model":
-            if not eq and index + 1 < len(argv) and argv[index + 1].lower() in _REFERENCE_BOOL_VALUES:
-                value, index = argv[index + 1], index + 1
-            flag = _REFERENCE_BOOL_VALUES.get(value.lower(), True) if (eq or value) else True
-            result.append("--offload-model" if flag else "--no-offload-model")
-        else:
-            result.append(arg)
-        index += 1
-    return result
+def run_app(args: List[str]) -> int:
+    """Parse and run `args` (already rewritten by `cli_argv.normalize_argv`); returns the exit
+    code. A usage error (unknown option, missing value, bad type) is one line and exit 2."""
+    try:
+        code = app(args=args, prog_name="wanengine", standalone_mode=False)
+    except UsageError as exc:
+        command = exc.ctx.command_path if exc.ctx is not None else "wanengine"
+        return _report(f"{exc.format_message()} (see '{command} --help')")
+    except typer.Abort:
+        if lead_rank():
+            print("wanengine: interrupted; no output was written", file=sys.stderr)
+        return 130
+    except typer.Exit as exc:
+        return exc.exit_code
+    return code if isinstance(code, int) else 0
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     """Console-script entry point."""
-    from .device import ascend_environment_defaults
+    from .cli_argv import ArgvError, normalize_argv
+    from .runtime_env import ascend_environment_defaults
 
     ascend_environment_defaults()  # before anything imports torch_npu
-    args = translate_reference_flags(list(sys.argv[1:] if argv is None else argv))
-    app(args=args, prog_name="wanengine")
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = normalize_argv(args or ["--help"], typer.main.get_command(app))
+        code = run_app(args)
+    except ArgvError as exc:
+        code = _report(exc.format_message())
+    sys.exit(code)
+
+
+def _report(message: str) -> int:
+    try:
+        fail(message, 2)
+    except typer.Exit as exc:
+        return exc.exit_code
+    return 2
 
 
 if __name__ == "__main__":

@@ -131,6 +131,17 @@ def parse_step_list(value: Union[str, Sequence[float]]) -> Tuple[float, ...]:
     return steps
 
 
+def check_step_list(steps: Sequence[float], train_steps: int = 1000) -> Tuple[float, ...]:
+    """An explicit Euler step list: finite, in (0, train_steps], strictly decreasing."""
+    values = parse_step_list(steps)
+    shown = ",".join(f"{t:g}" for t in values)
+    if not all(math.isfinite(t) and 0 < t <= train_steps for t in values):
+        raise ConfigError(f"--denoising-steps: every step must lie in (0, {train_steps}], got {shown}")
+    if any(b >= a for a, b in zip(values, values[1:])):
+        raise ConfigError(f"--denoising-steps: steps must be strictly decreasing, got {shown}")
+    return values
+
+
 @dataclass(frozen=True)
 class GenerationOptions:
     """What one image-to-video call asks for; defaults are the reference release's."""
@@ -170,12 +181,10 @@ class GenerationOptions:
         if self.solver not in SOLVERS:
             raise ConfigError(f"--sample-solver: unknown solver {self.solver!r}; choose unipc, dpm++ or euler")
         if self.denoising_steps is not None:
-            from .schedulers.euler import euler_schedule
-
             if self.solver != "euler":
                 raise ConfigError(f"--denoising-steps: only the euler sampler takes an explicit step list, "
                                   f"not {self.solver!r} (add --sample-solver euler)")
-            euler_schedule(self.steps, self.shift, self.denoising_steps)  # range and order
+            check_step_list(self.denoising_steps)
         parse_guide_scale(self.guide_scale)
         return self
 

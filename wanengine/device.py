@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 from typing import Callable, Optional
 
 import torch
@@ -12,20 +11,7 @@ from .errors import ConfigError
 DTYPE_BY_NAME = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-# What the reference Ascend port sets (spec npu-ops.md); user-set values win.
-ASCEND_ENV = {
-    "PYTORCH_NPU_ALLOC_CONF": "expandable_segments:True",
-    "TASK_QUEUE_ENABLE": "2",
-    "CPU_AFFINITY_CONF": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-}
-
-
-def ascend_environment_defaults() -> None:
-    """Set the Ascend runtime's environment defaults; they only take effect if this runs
-    before `torch_npu` is first imported (the CLI calls it at start-up)."""
-    for key, value in ASCEND_ENV.items():
-        os.environ.setdefault(key, value)
+from .runtime_env import ASCEND_ENV, ascend_environment_defaults  # noqa: E402,F401 (torch-free, re-exported)
 
 
 def configure_ascend_runtime() -> None:

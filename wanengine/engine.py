@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 import sys
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
@@ -26,7 +27,15 @@ from .pipeline import (ForwardCount, StepInfo, batched_cfg, conditioning_video, 
                        initial_noise, needs_unconditional, seq_len_for, sequential_cfg)
 from .progress import StepProgress
 from .schedulers import make_sampler
+from .stage_log import StageLog, human_bytes
 from .timing import StageTimer
+
+
+def bytes_on_disk(path: Path) -> int:
+    """Size of a file, or of all files under a directory (a sharded expert, the tokenizer)."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 class Engine:
@@ -48,17 +57,25 @@ class Engine:
         self.adapter_plans = self.plan_adapters()  # every adapter checked before any expert loads
         self.kernel_backend = kernels.configure(cfg.kernel_backend, self.device)
         self.offload = cfg.offload_model if cfg.offload_model is not None else self.device.type != "cpu"
-        self.load_timer = StageTimer(synchronizer(self.device))
+        self.stage_log = StageLog(enabled=cfg.progress)  # one progress line per stage on stderr
+        self.load_timer = StageTimer(synchronizer(self.device), log=self.stage_log)
         self._load()
 
     # ------------------------------------------------------------------ loading
     def _load(self) -> None:
         from .models import load_tokenizer, load_vae
 
-        with self.load_timer.stage("load"):
+        def stage(name: str, *paths: Path):  # a load stage with its bytes on disk (for a GB/s figure)
+            nbytes = sum(map(bytes_on_disk, paths))
+            return self.load_timer.stage(name, f"({human_bytes(nbytes)})", nbytes=nbytes)
+
+        with stage("load tokenizer", self.layout.tokenizer_dir):
             self.tokenizer = load_tokenizer(self.layout.root)
+        with stage("load text encoder", self.layout.t5):
             self.t5 = self.load_text_encoder()
+        with stage("load VAE", self.layout.vae):
             self.vae = load_vae(self.layout.vae, device=self.device, dtype=self.vae_dtype)
+        with stage("load experts", *(self.layout.expert(name) for name in EXPERTS)):
             self.experts = ExpertSwitcher(self.load_experts(), self.device, self.offload)
 
     def load_text_encoder(self) -> nn.Module:
@@ -152,19 +169,20 @@ class Engine:
 
     def generate(self, image, opts: GenerationOptions, *, on_step=None) -> Video:
         """`i2v` on an already opened RGB PIL image and validated options."""
-        timer = StageTimer(synchronizer(self.device))
+        timer = StageTimer(synchronizer(self.device), log=self.stage_log)
         frames, lat_h, lat_w = latent_grid(image.height, image.width, opts.resolved_max_area, opts.frame_num)
         seed = self.resolve_seed(opts.seed)
         sampler = make_sampler(opts.solver, opts.steps, opts.shift, device=self.device,
                                step_list=opts.denoising_steps)
         unconditional = needs_unconditional(sampler.timesteps.tolist(), opts.guidance)
         self.check_guidance(unconditional)
-        with timer.stage("text encode"):
-            if unconditional:
+        if unconditional:
+            with timer.stage("text encode", "(prompt and negative prompt)"):
                 contexts = self.encode_text([opts.prompt, opts.resolved_negative_prompt])
-            else:  # guidance off on every step: the negative prompt is never used
+        else:  # guidance off on every step: the negative prompt is never used
+            with timer.stage("text encode", "(prompt; guidance off, no negative prompt)"):
                 contexts = (self.encode_text([opts.prompt])[0], None)
-        with timer.stage("VAE encode"):
+        with timer.stage("VAE encode", f"({image.width}x{image.height} -> {8 * lat_w}x{8 * lat_h}, {frames} latent frames)"):
             y = self.encode_image(image_to_tensor(image), frames, lat_h, lat_w, opts.frame_num)
         noise = initial_noise(seed, (16, frames, lat_h, lat_w), self.device)
         progress = StepProgress(len(sampler.timesteps), enabled=self.cfg.progress)
@@ -175,12 +193,12 @@ class Engine:
                 on_step(info, latent)
 
         count = ForwardCount()
-        with timer.stage("denoise"), progress:
+        with timer.stage("denoise", announce=False), progress:
             latent = denoise(get_expert=self.experts.get, sampler=sampler, latent=noise, y=y, contexts=contexts,
                              seq_len=self.seq_len(noise.shape), guide_scale=opts.guidance,
                              guidance=self.guidance(), on_step=step_done, prefetch=self.experts.prefetch,
                              count=count)
-        with timer.stage("VAE decode"):
+        with timer.stage("VAE decode", f"({frames} latent frames -> {opts.frame_num} frames)"):
             video = self.decode(latent)
         metadata = self.metadata(opts, seed, timer)
         metadata["dit_forwards"] = self.video_forwards(count.forwards)

@@ -39,20 +39,43 @@ class DevicePreset:
     link_gbps: Optional[float]
     accelerator: bool
     note: str
+    efficiency: float = DEFAULT_EFFICIENCY  # DiT model FLOP utilisation ...
+    efficiency_source: str = "assumed (not measured on this device)"  # ... and where that figure comes from
 
+
+_H200_MEASURED = ("measured: the 720p DiT forward at 61.0% MFU on an H200, mean of 3 "
+                  "(docs/performance.md section 4, 2026-11-26)")
 
 DEVICE_PRESETS: Dict[str, DevicePreset] = {p.name: p for p in (
     DevicePreset("h100", 989.0, 80.0, 494.0, 450.0, True,
                  "H100 SXM: 989 TFLOP/s dense bf16, 80 GB; VAE convs as TF32 (494, cuDNN default); "
-                 "NVLink 450 GB/s per direction"),
+                 "NVLink 450 GB/s per direction",
+                 0.61, "the H200 measurement (same Hopper SMs and bf16 peak; not measured on an H100): "
+                 + _H200_MEASURED),
     DevicePreset("h200", 989.0, 141.0, 494.0, 450.0, True,
-                 "H200 SXM: 989 TFLOP/s dense bf16, 141 GB; VAE convs as TF32 (494); NVLink 450 GB/s"),
+                 "H200 SXM: 989 TFLOP/s dense bf16, 141 GB; VAE convs as TF32 (494); NVLink 450 GB/s",
+                 0.61, _H200_MEASURED),
     DevicePreset("ascend-a2", 313.0, 64.0, 156.0, 196.0, True,
                  "Atlas 800T A2 / Ascend 910B (assumed): 313 TFLOP/s dense bf16, 64 GB; VAE convs as "
-                 "HF32 at half rate (156, assumed); HCCS 196 GB/s per direction (assumed)"),
+                 "HF32 at half rate (156, assumed); HCCS 196 GB/s per direction (assumed)",
+                 DEFAULT_EFFICIENCY, "assumed (no Ascend measurement yet)"),
     DevicePreset("cpu", None, None, None, None, False,
                  "CPU: no built-in figures; give the peak (TFLOP/s) and memory yourself"),
 )}
+
+
+def placement_kind(placement: Optional[str], preset: Optional["DevicePreset"]) -> str:
+    """"cpu" or "accelerator": where the engine would put the weights. `placement` is an i2v
+    `--device` value (cpu, cuda[:N], npu[:N]); without one the preset decides, and without a
+    preset an accelerator is assumed (the engine's default device is npu > cuda > cpu)."""
+    if placement is not None:
+        kind = placement.strip().lower().split(":")[0]
+        if kind not in ("cpu", "cuda", "npu"):
+            raise ConfigError(f"--device: {placement!r} is not cpu, cuda[:N] or npu[:N]")
+        return "cpu" if kind == "cpu" else "accelerator"
+    if preset is not None and not preset.accelerator:
+        return "cpu"
+    return "accelerator"
 
 
 from .param_counts import (VaeTally, count_dit_params, count_t5_params, count_vae_params,  # noqa: F401 (re-exported)
@@ -144,6 +167,8 @@ class Plan:
     timing: Optional[Timing]
     warnings: Tuple[str, ...]
     assumptions: Tuple[str, ...]
+    placement: str = "accelerator"   # "cpu" or "accelerator": where the weights live (see placement_kind)
+    efficiency_source: str = ""
 
 
 def make_plan(size: Optional[str] = "1280*720", frame_num: int = 81, steps: int = 40, solver: str = "unipc",
@@ -154,25 +179,32 @@ def make_plan(size: Optional[str] = "1280*720", frame_num: int = 81, steps: int 
               device_memory_gb: Optional[float] = None, efficiency: Optional[float] = None,
               vae_tflops: Optional[float] = None, vae_efficiency: Optional[float] = None,
               link_gbps: Optional[float] = None, max_area: Optional[int] = None,
-              image_aspect: Optional[float] = None, guide_scale: Optional[Tuple[float, float]] = None,
-              shift: float = 5.0) -> Plan:
+              image_aspect: Optional[float] = None, placement: Optional[str] = None,
+              guide_scale: Optional[Tuple[float, float]] = None, shift: float = 5.0) -> Plan:
     """Cost of one video. `cfg`: guidance on (cond + uncond forwards each step). `world_size`
-    None means cfg_size * ulysses_size. `offload` None means on for one device (the engine's
-    default). `device` picks a preset (`DEVICE_PRESETS`); explicit figures override it.
-    `image_aspect` is the input image's height / width (default: the size's own).
-    `guide_scale` (low_noise, high_noise), when given, decides guidance per step instead of
-    `cfg`: a step whose expert's scale is 1.0 runs one forward (the sampler's timesteps at
-    `shift` route the steps to the experts), e.g. 4 forwards for `--preset distill-4step`.
-    Invalid combinations raise ConfigError; wasteful ones become `Plan.warnings`."""
+    None means cfg_size * ulysses_size. `offload` None means what the engine does: on for
+    accelerators (off with `dit_fsdp`, whose shards stay on the devices), off on the CPU.
+    `device` picks a preset (`DEVICE_PRESETS`); explicit figures override it. `placement` is
+    an i2v `--device` value (see `placement_kind`). `image_aspect` is the input image's
+    height / width (default: the size's own). `guide_scale` (low_noise, high_noise), when
+    given, decides guidance per step instead of `cfg`: a step whose expert's scale is 1.0 runs
+    one forward (the sampler's timesteps at `shift` route the steps to the experts), e.g. 4
+    forwards for `--preset distill-4step`. Invalid combinations raise ConfigError; wasteful
+    ones become `Plan.warnings`."""
     preset = _preset(device)
+    kind = placement_kind(placement, preset)
     world = cfg_size * ulysses_size if world_size is None else world_size
     _validate(frame_num, steps, solver, dtype, world, ulysses_size, cfg_size)
-    offload = (world == 1) if offload is None else bool(offload)
+    if dit_fsdp and offload:
+        raise ConfigError("--offload-model with --dit-fsdp: sharded experts stay on the devices; drop one of them")
+    offload = (kind != "cpu" and not dit_fsdp) if offload is None else bool(offload)
     peak = device_peak_tflops if device_peak_tflops is not None else (preset.peak_tflops if preset else None)
     capacity_gb = device_memory_gb if device_memory_gb is not None else (preset.memory_gb if preset else None)
     vae_peak = vae_tflops if vae_tflops is not None else (preset.vae_tflops if preset else None)
     link = link_gbps if link_gbps is not None else (preset.link_gbps if preset else None)
-    eff = DEFAULT_EFFICIENCY if efficiency is None else efficiency
+    eff = (preset.efficiency if preset else DEFAULT_EFFICIENCY) if efficiency is None else efficiency
+    eff_source = ("given (--efficiency)" if efficiency is not None
+                  else preset.efficiency_source if preset else "assumed (no device preset)")
     vae_eff = DEFAULT_VAE_EFFICIENCY if vae_efficiency is None else vae_efficiency
     for flag, value in (("--peak-tflops", peak), ("--memory-gb", capacity_gb),
                         ("--vae-tflops", vae_peak), ("--link-gbps", link)):
@@ -228,12 +260,20 @@ def make_plan(size: Optional[str] = "1280*720", frame_num: int = 81, steps: int 
                          dit_fsdp, vae_parallel, peak, eff, vae_peak, vae_eff, link)
 
     assumptions = _assumptions(preset, peak, eff, vae_peak, vae_eff, link, cfg_batch and cfg and cfg_size == 1)
+    assumptions += (f"placement: weights on {'the CPU' if kind == 'cpu' else 'an accelerator'}"
+                    + (" (the --device given)" if placement else " (from the preset)" if preset else
+                       " (assumed; pass --device cpu or --hardware cpu for a CPU run)")
+                    + f"; offload {'on' if offload else 'off'}"
+                    + ("" if offload else " (both experts resident, as the engine keeps them)"),)
+    if peak is not None:
+        assumptions += (f"efficiency {eff:.2f}: {eff_source}",)
     plan = Plan(size=f"{geometry.width}*{geometry.height}", frame_num=frame_num, steps=steps, solver=solver, cfg=cfg,
                 world_size=world, ulysses_size=ulysses_size, cfg_size=cfg_size, dit_fsdp=dit_fsdp, t5_fsdp=t5_fsdp,
                 t5_cpu=t5_cpu, offload=offload, cfg_batch=cfg_batch, dtype=dtype, vae_parallel=vae_parallel,
                 device=preset.name if preset else None, peak_tflops=peak, efficiency=eff, link_gbps=link,
                 dit_params_per_expert=dit_params, t5_params=t5_params, vae_params=vae_params, geometry=geometry,
-                flops=flops, memory=memory, timing=timing, warnings=(), assumptions=assumptions)
+                flops=flops, memory=memory, timing=timing, warnings=(), assumptions=assumptions, placement=kind,
+                efficiency_source=eff_source)
     requested = parse_size(size) if size is not None and image_aspect is None and max_area is None else None
     without_offload = _memory(offload=False, capacity=capacity, **layout, **sizes) if offload else None
     return replace(plan, warnings=tuple(_warnings(plan, requested, preset, without_offload)))
@@ -425,7 +465,7 @@ def _warnings(plan: Plan, requested: Optional[Tuple[int, int]], preset: Optional
         elif memory.peak > 0.9 * memory.capacity:
             out.append(f"peak memory {memory.peak / GB:.1f} GB is within 10% of the device's "
                        f"{memory.capacity / GB:.0f} GB (allocator overhead may not fit)")
-        if (memory_without_offload is not None and world == 1
+        if (memory_without_offload is not None
                 and memory_without_offload.peak <= 0.9 * memory.capacity):
             out.append(f"offload is on although both experts fit ({memory_without_offload.peak / GB:.1f} GB "
                        f"peak without it); --no-offload-model saves the host/device expert swaps")

@@ -31,7 +31,7 @@ def format_plan(plan: Plan) -> str:
                  f"({plan.solver}), guidance {guidance}")
     lines.append(f"layout: {plan.world_size} device(s) = cfg {plan.cfg_size} x ulysses {plan.ulysses_size}"
                  f"{'; ' + ', '.join(parallel) if parallel else ''}; offload {'on' if plan.offload else 'off'}; "
-                 f"{plan.dtype}")
+                 f"{plan.dtype}; weights on {'the CPU' if plan.placement == 'cpu' else 'the accelerator'}")
     if plan.peak_tflops is not None:
         capacity = f", {m.capacity / GB:.0f} GB" if m.capacity else ""
         lines.append(f"device: {plan.device or 'custom'}: {plan.peak_tflops:g} TFLOP/s x {plan.efficiency:.2f} "

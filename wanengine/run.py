@@ -2,6 +2,9 @@
 
 `preflight_run` checks every option, the checkpoint layout, the image, the output path and
 the parallel layout in well under two seconds; only then does `run_i2v` load tens of GB.
+Every stage prints a progress line and becomes a row of the final stage table, which adds
+up to the wall time since the process started (`wanengine.clock`). Importing this module
+does not import torch.
 """
 from __future__ import annotations
 
@@ -10,15 +13,15 @@ import os
 import random
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional
 
 from .config import EngineConfig, GenerationOptions, latent_grid
 from .errors import ConfigError
 from .io.checkpoint import EXPERTS, preflight_checkpoint
-from .io.image import open_image
-from .io.video import check_output_path
+from .stage_log import StageLog
+from .timing import StageTimer
 
 
 @dataclass
@@ -29,6 +32,7 @@ class RunPlan:
     out: Path
     metrics_json: Optional[Path]
     frame_size: tuple  # (width, height)
+    timings: Dict[str, float] = field(default_factory=dict)  # stages before the engine (check inputs, read image)
 
 
 def check_parallel_layout(cfg: EngineConfig, num_heads: int) -> None:
@@ -69,66 +73,92 @@ def default_output_name(opts: GenerationOptions, frame_size: tuple) -> Path:
 
 
 def preflight_run(cfg: EngineConfig, opts: GenerationOptions, image_path, out: Optional[Path],
-                  metrics_json: Optional[Path]) -> RunPlan:
-    """Validate everything a run needs, without reading any weight; returns the plan."""
-    cfg.validate()
-    opts.validate()
-    layout = preflight_checkpoint(cfg.ckpt_dir)
-    from .models.dit import DiTConfig
+                  metrics_json: Optional[Path], *, startup: Optional[float] = None) -> RunPlan:
+    """Validate everything a run needs, without reading any weight; returns the plan.
+    `startup`: seconds from the process start to here (the stage table's first row)."""
+    timer = StageTimer()  # silent: a bad input must stay the only line printed
+    if startup is not None:
+        timer.add("start-up", startup)
+    with timer.stage("import torch"):  # its own row: 1-5 s that would otherwise hide in the checks
+        import torch  # noqa: F401
 
-    num_heads = DiTConfig.from_json(layout.expert(EXPERTS[0]) / "config.json").num_heads
-    check_parallel_layout(cfg, num_heads)
-    check_fewstep_run(cfg, opts, layout)
-    image = open_image(image_path)
-    _, lat_h, lat_w = latent_grid(image.height, image.width, opts.resolved_max_area, opts.frame_num)
-    if opts.seed < 0:  # draw now so the file name, the log and the metadata agree
-        opts = opts.with_seed(random.randint(0, 2**31 - 1))
-    frame_size = (8 * lat_w, 8 * lat_h)
-    out = check_output_path(out if out is not None else default_output_name(opts, frame_size))
-    if metrics_json is not None:
-        parent = metrics_json.parent if str(metrics_json.parent) else Path(".")
-        if not parent.is_dir():
-            raise ConfigError(f"--metrics-json: {metrics_json}: directory {parent} does not exist")
-    return RunPlan(cfg, opts, image, out, metrics_json, frame_size)
+        from .io.image import open_image
+        from .io.video import check_output_path
+    with timer.stage("check inputs", f"({cfg.ckpt_dir})"):
+        cfg.validate()
+        opts.validate()
+        layout = preflight_checkpoint(cfg.ckpt_dir)
+        from .models.dit import DiTConfig
+
+        num_heads = DiTConfig.from_json(layout.expert(EXPERTS[0]) / "config.json").num_heads
+        check_parallel_layout(cfg, num_heads)
+        check_fewstep_run(cfg, opts, layout)
+    with timer.stage("read image", f"({image_path})"):
+        image = open_image(image_path)
+    with timer.stage("check inputs", announce=False):
+        _, lat_h, lat_w = latent_grid(image.height, image.width, opts.resolved_max_area, opts.frame_num)
+        if opts.seed < 0:  # draw now so the file name, the log and the metadata agree
+            opts = opts.with_seed(random.randint(0, 2**31 - 1))
+        frame_size = (8 * lat_w, 8 * lat_h)
+        out = check_output_path(out if out is not None else default_output_name(opts, frame_size))
+        if metrics_json is not None:
+            parent = metrics_json.parent if str(metrics_json.parent) else Path(".")
+            if not parent.is_dir():
+                raise ConfigError(f"--metrics-json: {metrics_json}: directory {parent} does not exist")
+    return RunPlan(cfg, opts, image, out, metrics_json, frame_size, dict(timer.seconds))
 
 
 def run_i2v(plan: RunPlan, say: Callable[..., None] = lambda message, level=1: print(message)) -> Path:
-    """Load, generate, write; print the seed, the output and the stage table."""
-    from .engine import Engine
-    from .parallel import is_writer, make_engine
+    """Load, generate, write; print the seed, the output and the stage table, whose rows add
+    up to the wall time since the process started (`plan.timings` holds the earlier rows)."""
+    from .clock import process_age
 
-    if not is_writer():  # one rank speaks for a torchrun job
+    lead = os.environ.get("RANK", "0") in ("", "0")
+    if not lead:  # one rank speaks for a torchrun job
         def say(message: str, level: int = 1) -> None:
             return None
 
+    timer = StageTimer(log=StageLog(plan.cfg.progress and lead))
+    for name, seconds in plan.timings.items():
+        timer.add(name, seconds)
     width, height = plan.frame_size
     say(f"i2v: {width}x{height}, {plan.opts.frame_num} frames, {plan.opts.steps} {plan.opts.solver} steps, "
         f"seed {plan.opts.seed}")
+    with timer.stage("import engine"):
+        from .engine import Engine
+        from .parallel import is_writer, make_engine
+
     engine = make_engine(plan.cfg) if plan.cfg.distributed else Engine(plan.cfg)
     say(f"engine: device {engine.device}, dtype {plan.cfg.dtype}, kernels {engine.kernel_backend}, "
         f"offload {'on' if engine.offload else 'off'}, loaded in {engine.load_timer.total:.1f} s", level=2)
     for line in getattr(engine, "adapter_report", ()):
         say(line)
+    for name, seconds in engine.load_timer.seconds.items():
+        timer.add(name, seconds)
     video = engine.generate(plan.image, plan.opts)
-    write_start = time.perf_counter()
+    for name, seconds in video.metadata["timings_s"].items():
+        if name != "load":  # the per-component load rows are in already
+            timer.add(name, seconds)
     if is_writer():
-        video.save(plan.out)
-        write_seconds = time.perf_counter() - write_start
-        video.metadata["timings_s"]["write"] = round(write_seconds, 4)
+        with timer.stage("write", f"{plan.out}"):
+            video.save(plan.out)
+        video.metadata["timings_s"]["write"] = round(timer.seconds["write"], 4)
+        wall = process_age()
+        video.metadata["stages_s"] = {**{k: round(v, 4) for k, v in timer.seconds.items()},
+                                      "other": round(max(0.0, wall - timer.total), 4), "wall": round(wall, 4)}
         say(f"wrote {plan.out} ({video.num_frames} frames, seed {video.seed})")
         if plan.cfg.progress:
-            say(stage_table(video.metadata["timings_s"]))
+            say(timer.table(wall=wall))
         if plan.metrics_json is not None:
             write_metrics(plan.metrics_json, video.metadata, plan.out)
     return plan.out
 
 
-def stage_table(timings: dict) -> str:
-    from .timing import StageTimer
-
+def stage_table(timings: dict, wall: Optional[float] = None) -> str:
+    """`timings` (stage -> seconds) as the printed table; see `StageTimer.table`."""
     timer = StageTimer()
     timer.seconds.update(timings)
-    return timer.table()
+    return timer.table(wall=wall)
 
 
 def write_metrics(path: Path, metadata: dict, out: Path) -> None:

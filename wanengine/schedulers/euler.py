@@ -21,24 +21,9 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 
+from wanengine.config import check_step_list
 from wanengine.errors import ConfigError
 from wanengine.schedulers.schedule import NUM_TRAIN_TIMESTEPS, FlowSchedule, StepCursor, _numpy_linspace
-
-
-def _validate_step_list(step_list: Sequence[float]) -> List[float]:
-    try:
-        values = [float(t) for t in step_list]
-    except (TypeError, ValueError):
-        raise ConfigError(f"--denoising-steps: {step_list!r} is not a list of numbers") from None
-    if not values:
-        raise ConfigError("--denoising-steps: the step list is empty")
-    if not all(math.isfinite(t) and 0 < t <= NUM_TRAIN_TIMESTEPS for t in values):
-        raise ConfigError(f"--denoising-steps: every step must lie in (0, {NUM_TRAIN_TIMESTEPS}], "
-                          f"got {','.join(f'{t:g}' for t in values)}")
-    if any(b >= a for a, b in zip(values, values[1:])):
-        raise ConfigError(f"--denoising-steps: steps must be strictly decreasing, got "
-                          f"{','.join(f'{t:g}' for t in values)}")
-    return values
 
 
 def _sigma_train(t: float) -> float:
@@ -54,7 +39,7 @@ def euler_schedule(steps: int, shift: float, step_list: Optional[Sequence[float]
     """Float timesteps `[N]` (float32) and sigmas `[N + 1]` (float32, last 0); see module doc.
     With `step_list`, N is its length and `steps` must equal it (or be None)."""
     if step_list is not None:
-        grid = _validate_step_list(step_list)
+        grid = list(check_step_list(step_list, NUM_TRAIN_TIMESTEPS))
         if steps is not None and steps != len(grid):
             raise ConfigError(f"--denoising-steps gives {len(grid)} steps but --sample-steps is {steps}")
     else:
