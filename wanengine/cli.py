@@ -181,14 +181,14 @@ def i2v(
     preset: Optional[str] = typer.Option(None, "--preset", rich_help_panel=FEWSTEP,
                                          help="distill-4step: euler, 4 steps, shift 5.0, guidance 1.0 "
                                               "(explicit flags override)."),
-    denoising_steps: Optional[str] = typer.Option(None, "--denoising-steps", rich_help_panel=FEWSTEP,
+    denoising_steps: Optional[str] = typer.Option(None, "--denoising-steps", rich_help_panel=FEWSTEP, metavar="<t,t,...>",
                                                   help="Euler timesteps, e.g. 1000,750,500,250."),
-    lora: Optional[List[str]] = typer.Option(None, "--lora", rich_help_panel=FEWSTEP,
-                                             help="PATH[:STRENGTH] adapter for both experts (repeatable)."),
-    lora_high: Optional[List[str]] = typer.Option(None, "--lora-high", rich_help_panel=FEWSTEP,
-                                                  help="PATH[:STRENGTH] adapter for the high-noise expert."),
-    lora_low: Optional[List[str]] = typer.Option(None, "--lora-low", rich_help_panel=FEWSTEP,
-                                                 help="PATH[:STRENGTH] adapter for the low-noise expert."),
+    lora: Optional[List[str]] = typer.Option(None, "--lora", rich_help_panel=FEWSTEP, metavar="<path[:strength]>",
+                                             help="Adapter for both experts (repeatable; adapters add up)."),
+    lora_high: Optional[List[str]] = typer.Option(None, "--lora-high", rich_help_panel=FEWSTEP, metavar="<path[:strength]>",
+                                                  help="Adapter for the high-noise expert (repeatable)."),
+    lora_low: Optional[List[str]] = typer.Option(None, "--lora-low", rich_help_panel=FEWSTEP, metavar="<path[:strength]>",
+                                                 help="Adapter for the low-noise expert (repeatable)."),
     context: typer.Context = None,  # which flags were given explicitly (they override --preset)
 ) -> None:
     """Generate a video from an image and a prompt."""
@@ -281,7 +281,7 @@ def demo(
 def info(
     ckpt_dir: Optional[Path] = typer.Option(None, "--ckpt-dir", help="Checkpoint directory."),
     as_json: bool = typer.Option(False, "--json", metavar="", help="Print JSON instead of a table."),
-    lora: Optional[List[Path]] = typer.Option(None, "--lora", rich_help_panel=FEWSTEP,
+    lora: Optional[List[Path]] = typer.Option(None, "--lora", rich_help_panel=FEWSTEP, metavar="<path>",
                                               help="A LoRA file: target modules, rank, alpha, what is skipped "
                                                    "(checked against --ckpt-dir, else the released shapes)."),
 ) -> None:
