@@ -42,7 +42,7 @@ from typing import Dict, List
 
 import torch
 
-from wanengine import Engine, EngineConfig, kernels
+from wanengine import Engine, EngineConfig
 from wanengine.demo import DEMO_PROMPT, default_cache_dir, demo_image, write_random_checkpoint
 from wanengine.models import vae_blocks
 
@@ -83,8 +83,8 @@ def build(variant: str, ckpt: Path) -> Engine:
 
 
 def run_once(engine: Engine):
-    # Both switches are process-wide: set them for the engine about to run.
-    kernels.configure(engine.cfg.kernel_backend, engine.device)
+    # The VAE switch is process-wide: set it for the engine about to run (each engine binds its
+    # own kernel backend itself).
     vae_blocks.CPU_FAST_PATH = engine.vae_cpu_fast_path
     start = time.perf_counter()
     video = engine.i2v(demo_image(), DEMO_PROMPT, **CALL)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import threading
 from types import ModuleType
 from typing import Dict, List, Optional, Tuple
 
@@ -49,11 +50,9 @@ if torch.cuda.is_available():
 
 
 @pytest.fixture(autouse=True)
-def restore_dispatch():
-    """Leave the process-wide backend choice as it was found."""
-    saved = (dispatch._active, dispatch._active_name)
-    yield
-    dispatch._active, dispatch._active_name = saved
+def restore_dispatch(monkeypatch: pytest.MonkeyPatch):
+    """Leave the process default backend as it was found (monkeypatch restores it)."""
+    monkeypatch.setattr(dispatch, "_default", dispatch._default)
 
 
 def _dtype_id(dtype: torch.dtype) -> str:
@@ -361,58 +360,77 @@ def test_mixed_dtype_results_follow_the_reference(backend: str) -> None:
 
 
 def _unconfigure() -> None:
-    dispatch._active, dispatch._active_name = None, None
+    dispatch._default = None
 
 
-def test_auto_picks_the_torch_fused_backend_on_cpu_and_cuda() -> None:
-    assert kernels.configure("auto", "cpu") == "cuda"
-    assert kernels.current_backend() == "cuda"
+def test_auto_picks_the_torch_fused_backend_named_for_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    assert kernels.configure("auto", "cpu") == "torch"
+    assert kernels.current_backend() == "torch"
     assert kernels.resolve_backend("auto", "cuda") == "cuda"
     assert kernels.resolve_backend("reference", "cpu") == "reference"  # only when asked for
 
 
-def test_cuda_backend_can_be_forced_on_cpu() -> None:
-    assert kernels.configure("cuda", "cpu") == "cuda"
+@pytest.mark.parametrize("name", ["torch", "cuda", "TORCH"])
+def test_torch_fused_backend_accepts_both_names_on_any_device(name: str) -> None:
+    """`cuda` stays accepted (backward compatibility); on the CPU it is reported as `torch`."""
+    assert kernels.configure(name, "cpu") == "torch"
+    assert kernels.resolve_backend(name, "cuda") == "cuda"
+    assert kernels.select(name, "cpu").module is cuda_backend
     x, weight, _ = _norm_inputs(1, 8, torch.float32)
     assert torch.equal(kernels.rms_norm(x, weight, 1e-6), cuda_backend.rms_norm(x, weight, 1e-6))
 
 
 def test_env_var_chooses_on_first_call(monkeypatch: pytest.MonkeyPatch) -> None:
     _unconfigure()
-    monkeypatch.setenv(dispatch.ENV_VAR, "cuda")
+    monkeypatch.setenv(dispatch.ENV_VAR, "reference")
     x, weight, _ = _norm_inputs(1, 8, torch.float32)
     kernels.rms_norm(x, weight, 1e-6)
-    assert kernels.current_backend() == "cuda"
+    assert kernels.current_backend() == "reference"
+
+
+@pytest.mark.parametrize("given", [None, "auto"])
+def test_env_var_decides_when_no_backend_is_given(monkeypatch: pytest.MonkeyPatch, given: Optional[str]) -> None:
+    monkeypatch.setenv(dispatch.ENV_VAR, "reference")
+    assert kernels.select(given, "cpu").name == "reference"
+    assert kernels.select("torch", "cpu").name == "torch"  # an explicit backend wins over the variable
 
 
 def test_no_env_var_auto_resolves_from_the_first_tensor(monkeypatch: pytest.MonkeyPatch) -> None:
     _unconfigure()
     monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
     kernels.layer_norm(torch.randn(2, 8), None, None, 1e-6)
-    assert kernels.current_backend() == "cuda"
+    assert kernels.current_backend() == "torch"
 
 
 def test_unknown_backend_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    with pytest.raises(ConfigError, match="unknown backend"):
+    with pytest.raises(ConfigError, match="unknown backend 'tpu'"):
         kernels.configure("tpu")
     _unconfigure()
     monkeypatch.setenv(dispatch.ENV_VAR, "triton")
-    with pytest.raises(ConfigError, match="unknown backend"):
+    with pytest.raises(ConfigError, match="^WANENGINE_KERNEL_BACKEND='triton': not a kernel backend"):
         kernels.rms_norm(torch.randn(4), torch.ones(4), 1e-6)
+    with pytest.raises(ConfigError, match="^WANENGINE_KERNEL_BACKEND="):
+        kernels.select("auto", "cpu")
 
 
 def test_npu_without_torch_npu_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "torch_npu", None)  # makes it unimportable even if installed
     with pytest.raises(ConfigError, match="torch_npu"):
         kernels.configure("npu")
-    assert kernels.resolve_backend("auto", "cpu") == "cuda"
+    assert kernels.resolve_backend("auto", "cpu") == "torch"
+
+
+def _spy_on_reference(monkeypatch: pytest.MonkeyPatch) -> List[str]:
+    seen: List[str] = []
+    for name in ("attention", "rotary", "rms_norm", "layer_norm", "layer_norm_modulate"):
+        monkeypatch.setattr(reference, name, lambda *a, _n=name, **k: seen.append(_n))
+    return seen
 
 
 def test_public_functions_route_to_the_configured_backend(monkeypatch: pytest.MonkeyPatch) -> None:
     kernels.configure("reference")
-    seen: List[str] = []
-    for name in ("attention", "rotary", "rms_norm", "layer_norm", "layer_norm_modulate"):
-        monkeypatch.setattr(reference, name, lambda *a, _n=name, **k: seen.append(_n))
+    seen = _spy_on_reference(monkeypatch)
     q = torch.randn(1, 4, 2, 16)
     kernels.attention(q, q, q, scale=0.25)
     kernels.rotary(q, q[:, :, :1], q[:, :, :1])
@@ -420,3 +438,117 @@ def test_public_functions_route_to_the_configured_backend(monkeypatch: pytest.Mo
     kernels.layer_norm(q, None, None, 1e-6)
     kernels.layer_norm_modulate(q, q, q, 1e-6)
     assert seen == ["attention", "rotary", "rms_norm", "layer_norm", "layer_norm_modulate"]
+
+
+def test_a_bound_backend_wins_over_the_process_default_and_is_undone(monkeypatch: pytest.MonkeyPatch) -> None:
+    kernels.configure("torch", "cpu")
+    seen = _spy_on_reference(monkeypatch)
+    x = torch.randn(2, 8)
+    with kernels.use(kernels.select("reference", "cpu")):
+        assert kernels.current_backend() == "reference"
+        kernels.layer_norm(x, None, None, 1e-6)
+        with kernels.use(kernels.select("torch", "cpu")):  # nested bindings: innermost wins
+            kernels.layer_norm(x, None, None, 1e-6)
+        kernels.rms_norm(x, torch.ones(8), 1e-6)
+    kernels.layer_norm(x, None, None, 1e-6)
+    assert seen == ["layer_norm", "rms_norm"] and kernels.current_backend() == "torch"
+
+
+def test_bindings_are_per_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A binding made in one thread is invisible to another (the HTTP service runs engines in
+    worker threads): each thread sees its own, or the process default."""
+    kernels.configure("torch", "cpu")
+    inside = threading.Event()
+    release = threading.Event()
+    seen: Dict[str, Optional[str]] = {}
+
+    def worker() -> None:
+        with kernels.use(kernels.select("reference", "cpu")):
+            seen["worker"] = kernels.current_backend()
+            inside.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    assert inside.wait(10)
+    seen["main, while the worker is bound"] = kernels.current_backend()
+    release.set()
+    thread.join(10)
+    assert seen == {"worker": "reference", "main, while the worker is bound": "torch"}
+
+
+# ----------------------------------------------------------------------------- per-engine backends
+
+
+def _small_run(engine) -> torch.Tensor:
+    from helpers import golden_dir
+
+    video = engine.i2v(golden_dir() / "input.png", "a cat", max_area=48 * 32, frame_num=5, steps=2, seed=11)
+    return video.latent
+
+
+@pytest.fixture(scope="module")
+def two_engines(golden_ckpt):
+    """A `reference` engine, and a `torch` engine built after it, in one process."""
+    from wanengine import Engine, EngineConfig
+
+    def build(backend: str):
+        return Engine(EngineConfig(ckpt_dir=str(golden_ckpt), device="cpu", dtype="float32", kernel_backend=backend,
+                                   progress=False))
+
+    first = build("reference")
+    first_alone = _small_run(first)  # the only engine so far
+    second = build("torch")
+    return first, first_alone, second, _small_run(second)
+
+
+def test_each_engine_keeps_its_own_kernels(two_engines) -> None:
+    first, first_alone, second, second_alone = two_engines
+    assert (first.kernel_backend, second.kernel_backend) == ("reference", "torch")
+    assert not torch.equal(first_alone, second_alone)  # the backends differ (~1e-6), so the test can see a switch
+    assert torch.equal(_small_run(first), first_alone)  # building the second engine changed nothing
+    assert torch.equal(_small_run(second), second_alone)
+
+
+def test_engines_in_worker_threads_keep_their_own_kernels(two_engines) -> None:
+    """Both engines at once, each in its own worker thread (as the HTTP service runs them)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    first, first_alone, second, second_alone = two_engines
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = [pool.submit(_small_run, engine) for engine in (first, second, first, second)]
+        results = [f.result(timeout=120) for f in futures]
+    for got, want in zip(results, (first_alone, second_alone) * 2):
+        assert torch.equal(got, want)
+    assert dispatch._bound.get() is None
+
+
+def test_engine_default_backend_follows_the_environment(golden_ckpt, monkeypatch: pytest.MonkeyPatch) -> None:
+    from wanengine import Engine, EngineConfig
+
+    monkeypatch.setenv(dispatch.ENV_VAR, "reference")
+    engine = Engine(EngineConfig(ckpt_dir=str(golden_ckpt), device="cpu", dtype="float32", progress=False))
+    assert engine.kernel_backend == "reference"
+    assert engine.kernel_set.module is reference
+
+
+def test_invalid_environment_backend_stops_the_cli_before_any_weight(golden, golden_ckpt, tmp_path,
+                                                                     monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    from wanengine import cli
+    from wanengine.engine import Engine
+
+    def no_loading(self) -> None:
+        raise AssertionError("weights were loaded despite the invalid backend")
+
+    monkeypatch.setattr(Engine, "_load", no_loading)
+    monkeypatch.setenv(dispatch.ENV_VAR, "fastest")
+    out = tmp_path / "never.mp4"
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--quiet", "i2v", "--ckpt-dir", str(golden_ckpt), "--image", str(golden / "input.png"),
+                  "--prompt", "a cat", "--max-area", str(48 * 32), "--frame-num", "5", "--device", "cpu",
+                  "--out", str(out)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["wanengine: error: WANENGINE_KERNEL_BACKEND='fastest': not a kernel backend; "
+                   "choose one of auto, reference, torch, cuda, npu"]
+    assert not out.exists()

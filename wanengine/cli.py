@@ -156,7 +156,7 @@ def i2v(
     dtype: Optional[str] = typer.Option(None, "--dtype", rich_help_panel=PERFORMANCE, show_default="bfloat16",
                                         help="float32, bfloat16 or float16 (DiT and T5)."),
     kernel_backend: str = typer.Option("auto", "--kernel-backend", rich_help_panel=PERFORMANCE,
-                                       help="auto, reference, cuda or npu."),
+                                       help="auto (WANENGINE_KERNEL_BACKEND if set, else by device), reference, torch (alias cuda) or npu."),
     offload_model: Optional[bool] = typer.Option(None, "--offload-model/--no-offload-model", metavar="", rich_help_panel=PERFORMANCE,
                                                  show_default="on for an accelerator, off on CPU",
                                                  help="Keep only the active expert on the device."),

@@ -16,7 +16,7 @@ from .errors import ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16")
 SOLVERS = ("unipc", "dpm++", "euler")
-KERNEL_BACKENDS = ("auto", "reference", "cuda", "npu")
+KERNEL_BACKENDS = ("auto", "reference", "torch", "cuda", "npu")  # "cuda" and "torch": the torch-fused one
 VAE_STRIDE = (4, 8, 8)
 PATCH = (1, 2, 2)
 
@@ -29,7 +29,8 @@ class EngineConfig:
         ckpt_dir: the released Wan2.2-I2V-A14B checkpoint directory.
         device: "cpu", "cuda", "cuda:1", "npu", ... or None for npu > cuda > cpu.
         dtype: run dtype of the DiT experts (and T5); "float32" reproduces the reference on CPU.
-        kernel_backend: "auto", "reference", "cuda" or "npu" (see `wanengine.kernels`).
+        kernel_backend: "auto" (WANENGINE_KERNEL_BACKEND if set, else by device), "reference",
+            "torch" (alias "cuda": the torch-fused kernels) or "npu" (see `wanengine.kernels`).
         offload_model: keep only the active expert on the device (None: on for a single accelerator).
         t5_cpu: run the text encoder on the CPU.
         vae_dtype: VAE precision (the reference uses float32).

@@ -14,14 +14,27 @@ DTYPE_BY_NAME = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16"
 from .runtime_env import ASCEND_ENV, ascend_environment_defaults  # noqa: E402,F401 (torch-free, re-exported)
 
 
+_ascend_runtime_configured = False
+
+
 def configure_ascend_runtime() -> None:
-    """Inference settings of the reference Ascend port: no JIT compilation of operators
-    (binary kernels), and no private NPU tensor formats leaking into user tensors."""
+    """Inference settings of the reference Ascend port, applied once per process: no JIT
+    compilation of operators (binary kernels; `npu_rotary_mul`'s interleave mode raises
+    without it), and no private NPU tensor formats leaking into user tensors.
+
+    Called when an NPU device is prepared and when the `npu` kernels backend is imported, so
+    the settings hold whichever way the npu kernels were chosen."""
+    global _ascend_runtime_configured
+    if _ascend_runtime_configured:
+        return
     ascend_environment_defaults()
     import torch_npu
 
     torch_npu.npu.set_compile_mode(jit_compile=False)
-    torch.npu.config.allow_internal_format = False  # type: ignore[attr-defined]
+    # `torch.npu` is `torch_npu.npu` once torch_npu is imported; the setting is write-only.
+    npu_module = getattr(torch, "npu", None) or torch_npu.npu
+    npu_module.config.allow_internal_format = False
+    _ascend_runtime_configured = True
 
 
 def npu_available() -> bool:

@@ -55,7 +55,10 @@ class Engine:
         self.vae_dtype = resolve_dtype(cfg.vae_dtype)
         self.layout = preflight_checkpoint(cfg.ckpt_dir)
         self.adapter_plans = self.plan_adapters()  # every adapter checked before any expert loads
-        self.kernel_backend = kernels.configure(cfg.kernel_backend, self.device)
+        # This engine's own kernels, bound around its work (`kernels.using_own_kernels`): another
+        # engine in the process, with another backend, cannot switch them.
+        self.kernel_set = kernels.select(cfg.kernel_backend, self.device)
+        self.kernel_backend = self.kernel_set.name
         self.offload = cfg.offload_model if cfg.offload_model is not None else self.device.type != "cpu"
         self.stage_log = StageLog(enabled=cfg.progress)  # one progress line per stage on stderr
         self.load_timer = StageTimer(synchronizer(self.device), log=self.stage_log)
@@ -118,6 +121,7 @@ class Engine:
             merge_into_model(expert, self.adapter_plans[name])
 
     # ------------------------------------------------------------------ stages
+    @kernels.using_own_kernels
     def encode_text(self, prompts: Sequence[str]) -> Tuple[torch.Tensor, ...]:
         """Prompts -> per-prompt UMT5 rows `[n_i, 4096]` on the run device."""
         t5_device = torch.device("cpu") if self.cfg.t5_cpu else self.device
@@ -129,6 +133,7 @@ class Engine:
             self.t5_visits.release()  # T5 leaves the accelerator once the prompts are encoded
         return tuple(r.to(self.device) for r in rows)
 
+    @kernels.using_own_kernels
     def encode_image(self, image: torch.Tensor, frames: int, lat_h: int, lat_w: int, frame_num: int) -> torch.Tensor:
         """`[3, H0, W0]` in [-1, 1] -> conditioning `y [20, F', lat_h, lat_w]` (mask + VAE latent)."""
         video = conditioning_video(image.to(self.device), 8 * lat_h, 8 * lat_w, frame_num)
@@ -136,6 +141,7 @@ class Engine:
             latent = self.vae.encode(video.to(self.vae_dtype)).float()
         return torch.cat([first_frame_mask(frames, lat_h, lat_w, self.device), latent], dim=0)
 
+    @kernels.using_own_kernels
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return self.vae.decode(latent.to(self.vae_dtype), tile_rows=self.cfg.vae_tile_rows).float()
@@ -167,6 +173,7 @@ class Engine:
                                  guide_scale=guide_scale, seed=seed, denoising_steps=denoising_steps).validate()
         return self.generate(open_image(image), opts, on_step=on_step)
 
+    @kernels.using_own_kernels
     def generate(self, image, opts: GenerationOptions, *, on_step=None) -> Video:
         """`i2v` on an already opened RGB PIL image and validated options."""
         timer = StageTimer(synchronizer(self.device), log=self.stage_log)

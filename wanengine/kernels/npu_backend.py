@@ -1,25 +1,35 @@
-"""Ascend NPU kernels backend: the four hot operations routed to `torch_npu` fused operators.
+"""Ascend NPU kernels backend: the hot operations routed to `torch_npu` fused operators.
 
-Imported only when the `npu` backend is selected (`kernels.configure("npu")`), so the
-top-level `import torch_npu` is deliberate. Contracts of the operators used here are in
-`spec/npu-ops.md`; `tests/fake_torch_npu.py` enforces them on CPU.
+Imported only when the `npu` backend is selected (`kernels.select("npu")`, `configure("npu")`
+or `WANENGINE_KERNEL_BACKEND=npu`), so the top-level `import torch_npu` is deliberate.
+Importing it applies the Ascend runtime settings once per process
+(`device.configure_ascend_runtime`: `set_compile_mode(jit_compile=False)`, which interleaved
+RoPE needs, and `allow_internal_format = False`) -- whichever way the backend was chosen.
+Contracts of the operators are in `spec/npu-ops.md`; `tests/fake_torch_npu.py` enforces them.
 
 Choices made once, at import, from the environment:
-- `WANENGINE_NPU_ATTENTION` = `fa` (default): `npu_fusion_attention` in layout `BSND`;
-  `fia`: `npu_fused_infer_attention_score` in layout `BNSD` (what later Ascend ports of Wan
-  use for inference). Anything else is a ConfigError.
-- `WANENGINE_NPU_FP32_ATTENTION` = `1`: the installed torch_npu accepts float32 q/k/v
-  ("fp32 on newer releases"). Default off: float32 q/k/v are cast to bfloat16 for the fused
-  op and the output is cast back -- the reference release does the same for float32 inputs
-  to its fused attention, and bfloat16 (unlike float16) cannot overflow on large activations.
+- `WANENGINE_NPU_ATTENTION` = `fa` (default): `npu_fusion_attention` (FA) in layout `BSND`;
+  `fia`: `npu_fused_infer_attention_score` (FIA) in layout `BSND` (what later Ascend ports
+  of Wan use for inference). Anything else is a ConfigError.
+- `WANENGINE_NPU_FP32_ATTENTION` = `1` (default): float32 q/k/v go to FA as float32
+  (documented since torch_npu 2.1.0.post12); `0`: cast to bfloat16 for FA and back, for a
+  stack whose kernel lacks float32. FIA never takes float32: there float32 q/k/v are always
+  cast to bfloat16 (no overflow, unlike float16) and the output is cast back.
+
+Per-operator head-dim rules (`Dq == Dk == Dv = D` here):
+- FA: 1 <= D <= 768, no alignment; heads 1..256 per call (more heads: split, exact).
+- FIA: D <= 512 after zero-padding D to a multiple of 16 (exact: zero channels add nothing to
+  q.k, produce zero output channels that are sliced off, and the scale is passed explicitly).
+- A head dim the chosen operator cannot take goes to the other one if it can, else to the
+  reference math.
 
 Precision relative to `reference.py` (the semantics):
-- attention: the fused op accumulates in float32; inputs are fp16/bf16 as passed (or bf16
-  for float32, see above). Head dims that are not a multiple of 16 are zero-padded (exact:
-  zero channels add nothing to q.k and produce zero output channels, and the scale is
-  passed explicitly); head dims above 512 fall back to the reference math.
-- rotary: `npu_rotary_mul` in x's dtype with the cos/sin tables cast to x's dtype (for
-  bf16 x the tables are rounded to bf16; the reference rounds only the result).
+- attention: the fused ops accumulate in float32; inputs are fp16/bf16 as passed, float32 as
+  described above.
+- rotary: `npu_rotary_mul(rotary_mode="interleave")` in x's dtype with the cos/sin tables cast
+  to x's dtype (for bf16 x the tables are rounded to bf16; the reference rounds only the
+  result). The op needs `B * N < 1000`: larger batches are split into calls of at most
+  `999 // N` samples (exact: samples are independent).
 - rms_norm: one `npu_rms_norm` with gamma cast to x's dtype (the fused op rounds once where
   the reference rounds the normalised value and then the product).
 - layer_norm / layer_norm_modulate: run on float32 input with float32 weight/bias exactly
@@ -29,12 +39,13 @@ Precision relative to `reference.py` (the semantics):
 from __future__ import annotations
 
 import os
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
 import torch.nn.functional as F
 import torch_npu  # noqa: F401  -- this module exists to call it; absent -> backend not selectable
 
+from ..device import configure_ascend_runtime
 from ..errors import ConfigError
 from . import reference
 
@@ -43,20 +54,25 @@ FP32_ATTENTION_ENV_VAR = "WANENGINE_NPU_FP32_ATTENTION"
 ATTENTION_OPS = ("fa", "fia")
 
 
-def _attention_op_from_env() -> str:
-    choice = os.environ.get(ATTENTION_ENV_VAR, "fa").strip().lower() or "fa"
-    if choice not in ATTENTION_OPS:
-        raise ConfigError(f"{ATTENTION_ENV_VAR}={choice!r}: choose one of {', '.join(ATTENTION_OPS)}")
-    return choice
+def _env_choice(name: str, default: str, choices: tuple) -> str:
+    value = os.environ.get(name, default).strip().lower() or default
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r}: choose one of {', '.join(choices)}")
+    return value
 
 
-ATTENTION_OP = _attention_op_from_env()
-FUSION_ATTENTION_SUPPORTS_FP32 = os.environ.get(FP32_ATTENTION_ENV_VAR, "0").strip() == "1"
+ATTENTION_OP = _env_choice(ATTENTION_ENV_VAR, "fa", ATTENTION_OPS)
+FUSION_ATTENTION_FP32 = _env_choice(FP32_ATTENTION_ENV_VAR, "1", ("1", "0")) == "1"
+
+configure_ascend_runtime()  # once per process; rotary's interleave mode raises without it
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
-_HEAD_DIM_MULTIPLE = 16
-_MAX_HEAD_DIM = 512
-_MAX_ROTARY_DIM = 896  # exclusive
+FA_MAX_HEAD_DIM = 768
+FA_MAX_HEADS = 256
+FIA_MAX_HEAD_DIM = 512
+FIA_HEAD_DIM_MULTIPLE = 16
+ROTARY_MAX_DIM = 896  # exclusive
+ROTARY_MAX_BATCH_TIMES_HEADS = 999  # interleave mode: B * N < 1000
 
 
 # ----------------------------------------------------------------------------- attention
@@ -70,59 +86,76 @@ def _kept_key_counts(k_lens: Optional[torch.Tensor], num_keys: int) -> Optional[
     return None if all(n == num_keys for n in lens) else lens
 
 
+def _fia_head_dim(head_dim: int) -> int:
+    return head_dim + (-head_dim % FIA_HEAD_DIM_MULTIPLE)
+
+
+def _operator_for(head_dim: int) -> Optional[str]:
+    """The attention operator to run for `head_dim`: the chosen one if it can, else the other, else None."""
+    fits = {"fa": 1 <= head_dim <= FA_MAX_HEAD_DIM, "fia": _fia_head_dim(head_dim) <= FIA_MAX_HEAD_DIM}
+    other = "fia" if ATTENTION_OP == "fa" else "fa"
+    for op in (ATTENTION_OP, other):
+        if fits[op]:
+            return op
+    return None
+
+
+def _ragged_mask(lens: List[int], seq_q: int, seq_k: int, device: torch.device) -> torch.Tensor:
+    """`[B, 1, Sq, Skv]` bool, True = masked out (the opposite of SDPA's boolean mask)."""
+    key_pos = torch.arange(seq_k, device=device)
+    dropped = key_pos[None, :] >= torch.tensor(lens, device=device)[:, None]  # [B, Skv]
+    return dropped[:, None, None, :].expand(len(lens), 1, seq_q, seq_k).contiguous()
+
+
 def _fusion_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                       lens: Optional[List[int]]) -> torch.Tensor:
-    """`npu_fusion_attention` on `[B, S, N, D]` (layout BSND); ragged key lengths as a mask."""
-    batch, seq_q, heads, _ = q.shape
-    mask = None
-    if lens is not None:
-        # The op's mask convention is inverted w.r.t. SDPA: True = masked out. It documents
-        # [B, 1, Sq, Skv] (among others) and gets the dense bool tensor, B * Sq * Skv bytes.
-        key_pos = torch.arange(k.shape[1], device=k.device)
-        dropped = key_pos[None, :] >= torch.tensor(lens, device=k.device)[:, None]  # [B, Skv]
-        mask = dropped[:, None, None, :].expand(batch, 1, seq_q, k.shape[1]).contiguous()
-    out = torch_npu.npu_fusion_attention(
-        q, k, v, head_num=heads, input_layout="BSND", scale=scale, atten_mask=mask, keep_prob=1.0,
-    )
-    return out[0]
+    """FA on `[B, S, N, D]` (layout BSND), heads split into calls of at most 256."""
+    dtype = q.dtype if (q.dtype in _HALF_DTYPES or FUSION_ATTENTION_FP32) else torch.bfloat16
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    mask = _ragged_mask(lens, q.shape[1], k.shape[1], q.device) if lens is not None else None
+
+    def run(qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor) -> torch.Tensor:
+        return torch_npu.npu_fusion_attention(
+            qh, kh, vh, head_num=qh.shape[2], input_layout="BSND", scale=scale, atten_mask=mask, keep_prob=1.0,
+        )[0]
+
+    if q.shape[2] <= FA_MAX_HEADS:
+        return run(q, k, v)
+    chunks = zip(*(t.split(FA_MAX_HEADS, dim=2) for t in (q, k, v)))
+    return torch.cat([run(qh, kh, vh) for qh, kh, vh in chunks], dim=2)
 
 
 def _fused_infer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                            lens: Optional[List[int]]) -> torch.Tensor:
-    """`npu_fused_infer_attention_score` in layout BNSD; ragged key lengths as actual_seq_lengths_kv."""
-    heads = q.shape[2]
-    q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))  # [B, N, S, D]
+    """FIA on `[B, S, N, D]` (layout BSND): fp16/bf16 only, contiguous, D padded to a multiple
+    of 16; ragged key lengths as `actual_seq_lengths_kv`."""
+    dtype = q.dtype if q.dtype in _HALF_DTYPES else torch.bfloat16
+    head_dim = q.shape[-1]
+    pad = _fia_head_dim(head_dim) - head_dim
+    q, k, v = (F.pad(t.to(dtype), (0, pad)).contiguous() for t in (q, k, v))
     out, _lse = torch_npu.npu_fused_infer_attention_score(
-        q, k, v, num_heads=heads, num_key_value_heads=heads, scale=scale, input_layout="BNSD",
+        q, k, v, num_heads=q.shape[2], num_key_value_heads=k.shape[2], scale=scale, input_layout="BSND",
         actual_seq_lengths_kv=lens,
     )
-    return out.transpose(1, 2)
+    return out[..., :head_dim] if pad else out
+
+
+_OPERATORS: dict = {"fa": _fusion_attention, "fia": _fused_infer_attention}
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
               k_lens: Optional[torch.Tensor] = None) -> torch.Tensor:
     """softmax(q k^T * scale) v over `[B, S, N, D]`; keys at index >= k_lens[b] are ignored."""
-    head_dim = q.shape[-1]
-    if head_dim > _MAX_HEAD_DIM:  # beyond what the fused operators support
+    op = _operator_for(q.shape[-1])
+    if op is None:  # beyond what either fused operator supports
         return reference.attention(q, k, v, scale=scale, k_lens=k_lens)
     lens = _kept_key_counts(k_lens, k.shape[1])
     if lens is not None and len(set(lens)) == 1:
         # Same prefix of keys for every sample (always so for batch 1): slice, no mask needed.
         k, v, lens = k[:, : lens[0]], v[:, : lens[0]], None
-    out_dtype = q.dtype
-    if q.dtype in _HALF_DTYPES or (q.dtype == torch.float32 and FUSION_ATTENTION_SUPPORTS_FP32):
-        compute_dtype = q.dtype
-    else:
-        compute_dtype = torch.bfloat16
-    q, k, v = (t.to(compute_dtype) for t in (q, k, v))
-    pad = -head_dim % _HEAD_DIM_MULTIPLE
-    if pad:
-        q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
-    run = _fused_infer_attention if ATTENTION_OP == "fia" else _fusion_attention
+    run: Callable[..., torch.Tensor] = _OPERATORS[op]
     out = run(q, k, v, float(scale), lens)  # the operators take a Python float (a double)
-    if pad:
-        out = out[..., :head_dim]
-    return out.to(out_dtype)
+    return out.to(q.dtype)
 
 
 # ----------------------------------------------------------------------------- rotary
@@ -130,10 +163,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Interleaved-pairs RoPE of `x [B, S, N, D]` with `[1, S, 1, D]` tables via `npu_rotary_mul`."""
-    head_dim = x.shape[-1]
-    if x.dim() != 4 or head_dim % 2 or head_dim >= _MAX_ROTARY_DIM:  # outside the op's contract
+    if x.dim() != 4:
         return reference.rotary(x, cos, sin)
-    return torch_npu.npu_rotary_mul(x, cos.to(x.dtype), sin.to(x.dtype), rotary_mode="interleave")
+    batch, seq, heads, head_dim = x.shape
+    table = (1, seq, 1, head_dim)  # 1S1D: the only interleave table shape for BSND input
+    if (head_dim % 2 or head_dim >= ROTARY_MAX_DIM or heads > ROTARY_MAX_BATCH_TIMES_HEADS
+            or tuple(cos.shape) != table or tuple(sin.shape) != table):
+        return reference.rotary(x, cos, sin)  # outside the op's contract
+    r1, r2 = cos.to(x.dtype), sin.to(x.dtype)
+    per_call = ROTARY_MAX_BATCH_TIMES_HEADS // heads
+    if batch <= per_call:
+        return torch_npu.npu_rotary_mul(x, r1, r2, rotary_mode="interleave")
+    return torch.cat([torch_npu.npu_rotary_mul(part, r1, r2, rotary_mode="interleave") for part in x.split(per_call)])
 
 
 # ----------------------------------------------------------------------------- norms
@@ -141,6 +182,8 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """`weight * (x * rsqrt(mean(x^2) + eps))` via `npu_rms_norm` (gamma must have x's dtype)."""
+    if not 2 <= x.dim() <= 8:  # the op takes 2-8 dims
+        return reference.rms_norm(x, weight, eps)
     y = torch_npu.npu_rms_norm(x, weight.to(x.dtype), epsilon=eps)[0]
     # The reference's result dtype is the promotion of x and weight (e.g. bf16 x, fp32 weight).
     return y.to(torch.promote_types(x.dtype, weight.dtype))
