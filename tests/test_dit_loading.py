@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from wanengine.errors import CheckpointError
-from wanengine.models import dit_loading
-from wanengine.models.diffusers_names import is_diffusers_layout, to_diffusers_name, to_wan_name
+from wanengine.io.formats import safetensors_files
+from wanengine.io.formats.dit_diffusers import is_diffusers_layout, to_diffusers_name, to_wan_name
 from wanengine.models.dit_loading import FLOAT32_PARAMS, INDEX_NAME, SINGLE_NAME, load_dit
 
 EXPERTS = ("high_noise_model", "low_noise_model")
@@ -252,7 +252,7 @@ def test_rejects_misshaped_tensor_before_reading_any_data(single_copy, monkeypat
     def must_not_read(*args, **kwargs):
         raise AssertionError("tensor data read before names/shapes were validated")
 
-    monkeypatch.setattr(dit_loading, "_read_tensor", must_not_read)
+    monkeypatch.setattr(safetensors_files, "read_tensor", must_not_read)
     with _expect_error(single_copy / SINGLE_NAME, "head.head.weight", "[32, 256]", "[64, 256]"):
         load_dit(single_copy)
 

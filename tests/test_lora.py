@@ -19,7 +19,7 @@ from wanengine.adapters import LoraSpec, parse_lora_flag
 from wanengine.adapters.merge import merge_into_model
 from wanengine.adapters.plan import plan_adapter
 from wanengine.errors import CheckpointError, ConfigError
-from wanengine.models.diffusers_names import to_diffusers_name
+from wanengine.io.formats import to_diffusers_name
 from wanengine.models.dit_loading import load_dit
 
 LOW = "low_noise_model"

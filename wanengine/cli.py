@@ -21,6 +21,8 @@ import typer
 
 from . import __version__
 from .cli_argv import UsageError
+from .cli_weights import (ckpt_dir_option, dit_config_option, high_noise_option, low_noise_option, t5_option,
+                          tokenizer_option, vae_option, weight_sources)
 from .errors import UserInputError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -131,8 +133,7 @@ def _global(
                     "accepted too. Global options may follow the command.")
 @handles_errors
 def i2v(
-    ckpt_dir: Path = typer.Option(..., "--ckpt-dir", rich_help_panel=INPUTS,
-                                  help="Released Wan2.2-I2V-A14B checkpoint directory."),
+    ckpt_dir: Optional[Path] = ckpt_dir_option(INPUTS),
     image: Path = typer.Option(..., "--image", rich_help_panel=INPUTS,
                                help="Input image (any format PIL reads; EXIF orientation applied)."),
     prompt: str = typer.Option(..., "--prompt", rich_help_panel=INPUTS, help="Text prompt."),
@@ -178,6 +179,12 @@ def i2v(
                                              help="Reference flag: the DiT runs in bfloat16 (the engine always "
                                                   "converts to --dtype)."),
     task: str = typer.Option("i2v-A14B", "--task", hidden=True, help="Reference flag; must be i2v-A14B."),
+    high_noise_model: Optional[Path] = high_noise_option(),
+    low_noise_model: Optional[Path] = low_noise_option(),
+    t5: Optional[Path] = t5_option(),
+    vae: Optional[Path] = vae_option(),
+    tokenizer: Optional[Path] = tokenizer_option(),
+    dit_config: Optional[Path] = dit_config_option(),
     preset: Optional[str] = typer.Option(None, "--preset", rich_help_panel=FEWSTEP,
                                          help="distill-4step: euler, 4 steps, shift 5.0, guidance 1.0 "
                                               "(explicit flags override)."),
@@ -202,7 +209,8 @@ def i2v(
                                  solver=sample_solver, guide_scale=guide_scale)
     opts = GenerationOptions(prompt=prompt, negative_prompt=negative_prompt, size=size, max_area=max_area,
                              frame_num=frame_num, seed=seed, **sampling)
-    cfg = EngineConfig(ckpt_dir=str(ckpt_dir), device=device, dtype=resolve_dtype(dtype, convert_model_dtype),
+    sources = weight_sources(ckpt_dir, high_noise_model, low_noise_model, t5, vae, tokenizer, dit_config)
+    cfg = EngineConfig(**sources, device=device, dtype=resolve_dtype(dtype, convert_model_dtype),
                        kernel_backend=kernel_backend, offload_model=offload_model, t5_cpu=t5_cpu,
                        vae_tile_rows=vae_tile_rows, ulysses_size=ulysses_size, cfg_size=cfg_size, dit_fsdp=dit_fsdp,
                        t5_fsdp=t5_fsdp, vae_parallel=vae_parallel, progress=_State.verbosity > 0,
@@ -279,25 +287,56 @@ def demo(
 @app.command()
 @handles_errors
 def info(
-    ckpt_dir: Optional[Path] = typer.Option(None, "--ckpt-dir", help="Checkpoint directory."),
+    ckpt_dir: Optional[Path] = ckpt_dir_option(),
     as_json: bool = typer.Option(False, "--json", metavar="", help="Print JSON instead of a table."),
+    high_noise_model: Optional[Path] = high_noise_option(),
+    low_noise_model: Optional[Path] = low_noise_option(),
+    t5: Optional[Path] = t5_option(),
+    vae: Optional[Path] = vae_option(),
+    tokenizer: Optional[Path] = tokenizer_option(),
+    dit_config: Optional[Path] = dit_config_option(),
     lora: Optional[List[Path]] = typer.Option(None, "--lora", rich_help_panel=FEWSTEP, metavar="<path>",
                                               help="A LoRA file: target modules, rank, alpha, what is skipped "
-                                                   "(checked against --ckpt-dir, else the released shapes)."),
+                                                   "(checked against the given checkpoint, else the released shapes)."),
 ) -> None:
-    """What is in a checkpoint (component sizes, dtypes, configs) without loading weights."""
-    if lora:
-        from .adapters.inspect import describe_adapter, format_adapter
-
-        adapters = [describe_adapter(path, ckpt_dir) for path in lora]
-        print(json.dumps(adapters, indent=1) if as_json else "\n\n".join(format_adapter(a) for a in adapters))
-        return
-    if ckpt_dir is None:
-        raise UserInputError("--ckpt-dir: give a checkpoint directory (or --lora FILE to describe an adapter)")
+    """What is in a checkpoint (component layouts, sizes, dtypes, configs) without loading weights."""
     from .io.inspect import describe_checkpoint, format_description
 
-    description = describe_checkpoint(ckpt_dir)
+    sources = weight_sources(ckpt_dir, high_noise_model, low_noise_model, t5, vae, tokenizer, dit_config)
+    if lora:
+        from .adapters.inspect import describe_adapter, format_adapter
+        from .io.checkpoint import preflight_checkpoint
+
+        given = {k: v for k, v in sources.items() if k not in ("ckpt_dir", "dit_config")}
+        layout = (preflight_checkpoint(sources["ckpt_dir"], given, sources["dit_config"])
+                  if any(sources.values()) else None)
+        adapters = [describe_adapter(path, layout) for path in lora]
+        print(json.dumps(adapters, indent=1) if as_json else "\n\n".join(format_adapter(a) for a in adapters))
+        return
+    description = describe_checkpoint(**sources)
+    for note in description.get("notes", []):
+        say(note, level=2)
     print(json.dumps(description, indent=1) if as_json else format_description(description))
+
+
+# --------------------------------------------------------------------------- convert
+@app.command()
+@handles_errors
+def convert(
+    out: Path = typer.Option(..., "--out", help="New (or empty) directory to write the released layout into."),
+    ckpt_dir: Optional[Path] = ckpt_dir_option(),
+    high_noise_model: Optional[Path] = high_noise_option(),
+    low_noise_model: Optional[Path] = low_noise_option(),
+    t5: Optional[Path] = t5_option(),
+    vae: Optional[Path] = vae_option(),
+    tokenizer: Optional[Path] = tokenizer_option(),
+    dit_config: Optional[Path] = dit_config_option(),
+) -> None:
+    """Write any layout as the released layout, tensor by tensor (stored dtypes kept)."""
+    from .io.convert import convert_checkpoint
+
+    sources = weight_sources(ckpt_dir, high_noise_model, low_noise_model, t5, vae, tokenizer, dit_config)
+    convert_checkpoint(out, **sources, say=say)
 
 
 # --------------------------------------------------------------------------- plan

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field, replace
-from typing import Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 from .adapters.spec import LoraSpec, validate_specs
 from .constants import constants, defaults
@@ -19,6 +19,7 @@ SOLVERS = ("unipc", "dpm++", "euler")
 KERNEL_BACKENDS = ("auto", "reference", "torch", "cuda", "npu")  # "cuda" and "torch": the torch-fused one
 VAE_STRIDE = (4, 8, 8)
 PATCH = (1, 2, 2)
+COMPONENT_FIELDS = ("high_noise_model", "low_noise_model", "t5", "vae", "tokenizer")
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,8 @@ class EngineConfig:
     """How the engine is built: checkpoint, device, precision, kernels, memory and parallel layout.
 
     Args:
-        ckpt_dir: the released Wan2.2-I2V-A14B checkpoint directory.
+        ckpt_dir: the Wan2.2-I2V-A14B checkpoint directory: the released layout or a diffusers
+            repository (`Wan2.2-I2V-A14B-Diffusers`); optional when every component is given below.
         device: "cpu", "cuda", "cuda:1", "npu", ... or None for npu > cuda > cpu.
         dtype: run dtype of the DiT experts (and T5); "float32" reproduces the reference on CPU.
         kernel_backend: "auto" (WANENGINE_KERNEL_BACKEND if set, else by device), "reference",
@@ -38,11 +40,16 @@ class EngineConfig:
         cfg_batch: evaluate the conditional and unconditional branches as one batch of 2.
         ulysses_size, cfg_size, dit_fsdp, t5_fsdp, vae_parallel: multi-card layout (torchrun).
         progress: show the step bar and the stage table.
+        high_noise_model, low_noise_model, t5, vae, tokenizer: per-component sources, each a file
+            or a directory in any known layout (e.g. `wan2.2_i2v_high_noise_14B_fp16.safetensors`,
+            `umt5_xxl_fp16.safetensors`, `wan_2.1_vae.safetensors`, a `spiece.model` or its
+            directory); each beats the `ckpt_dir`'s component.
+        dit_config: a config.json for single-file experts (else inferred from tensor shapes).
         loras: LoRA / delta adapters merged into the experts once at load (`LoraSpec`: path,
             strength, expert "high" | "low" | "both"); several on one expert add up.
     """
 
-    ckpt_dir: str
+    ckpt_dir: Optional[str] = None
     device: Optional[str] = None
     dtype: str = "bfloat16"
     kernel_backend: str = "auto"
@@ -57,11 +64,23 @@ class EngineConfig:
     t5_fsdp: bool = False
     vae_parallel: bool = False
     progress: bool = True
+    high_noise_model: Optional[str] = None
+    low_noise_model: Optional[str] = None
+    t5: Optional[str] = None
+    vae: Optional[str] = None
+    tokenizer: Optional[str] = None
+    dit_config: Optional[str] = None
     loras: Sequence[LoraSpec] = ()
 
+    def component_overrides(self) -> Dict[str, Optional[str]]:
+        """The per-component sources, by component name (None: from `ckpt_dir`)."""
+        return {name: getattr(self, name) for name in COMPONENT_FIELDS}
+
     def validate(self) -> "EngineConfig":
-        if not self.ckpt_dir:
-            raise ConfigError("ckpt_dir (--ckpt-dir): no checkpoint directory given")
+        if not self.ckpt_dir and not all(self.component_overrides().values()):
+            lacking = ", ".join(f"--{n.replace('_', '-')}" for n, v in self.component_overrides().items() if not v)
+            raise ConfigError(f"ckpt_dir (--ckpt-dir): no checkpoint directory given, and no {lacking} "
+                              "to take those components from")
         for name in ("dtype", "vae_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ConfigError(f"{name} (--{name.replace('_', '-')}): {getattr(self, name)!r} is not one of {', '.join(DTYPES)}")

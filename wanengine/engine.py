@@ -1,4 +1,4 @@
-"""`Engine(cfg).i2v(image, prompt)`: loads the components of a released checkpoint once and
+"""`Engine(cfg).i2v(image, prompt)`: loads the components of a checkpoint (any layout) once and
 runs the image-to-video pipeline, returning a `Video`.
 
 Order of work: validate the configuration and preflight the checkpoint (no weights read),
@@ -53,7 +53,7 @@ class Engine:
         prepare_device(self.device)
         self.dtype = resolve_dtype(cfg.dtype)
         self.vae_dtype = resolve_dtype(cfg.vae_dtype)
-        self.layout = preflight_checkpoint(cfg.ckpt_dir)
+        self.layout = preflight_checkpoint(cfg.ckpt_dir, cfg.component_overrides(), cfg.dit_config)
         self.adapter_plans = self.plan_adapters()  # every adapter checked before any expert loads
         # This engine's own kernels, bound around its work (`kernels.using_own_kernels`): another
         # engine in the process, with another backend, cannot switch them.
@@ -66,14 +66,14 @@ class Engine:
 
     # ------------------------------------------------------------------ loading
     def _load(self) -> None:
-        from .models import load_tokenizer, load_vae
+        from .models import Tokenizer, load_vae
 
         def stage(name: str, *paths: Path):  # a load stage with its bytes on disk (for a GB/s figure)
             nbytes = sum(map(bytes_on_disk, paths))
             return self.load_timer.stage(name, f"({human_bytes(nbytes)})", nbytes=nbytes)
 
-        with stage("load tokenizer", self.layout.tokenizer_dir):
-            self.tokenizer = load_tokenizer(self.layout.root)
+        with stage("load tokenizer", self.layout.tokenizer):
+            self.tokenizer = Tokenizer(self.layout.tokenizer)
         with stage("load text encoder", self.layout.t5):
             self.t5 = self.load_text_encoder()
         with stage("load VAE", self.layout.vae):
@@ -100,7 +100,8 @@ class Engine:
         home = torch.device("cpu") if self.offload else self.device
         experts = {}
         for name in EXPERTS:
-            experts[name] = load_dit(self.layout.expert(name), device=home, dtype=self.dtype)
+            experts[name] = load_dit(self.layout.expert(name), device=home, dtype=self.dtype,
+                                     config_file=self.layout.dit_config)
             self.merge_adapters(name, experts[name])
         return experts
 

@@ -33,6 +33,7 @@ class RunPlan:
     metrics_json: Optional[Path]
     frame_size: tuple  # (width, height)
     timings: Dict[str, float] = field(default_factory=dict)  # stages before the engine (check inputs, read image)
+    source_notes: tuple = ()  # component options that beat the --ckpt-dir's (shown at --verbose)
 
 
 def check_parallel_layout(cfg: EngineConfig, num_heads: int) -> None:
@@ -84,13 +85,11 @@ def preflight_run(cfg: EngineConfig, opts: GenerationOptions, image_path, out: O
 
         from .io.image import open_image
         from .io.video import check_output_path
-    with timer.stage("check inputs", f"({cfg.ckpt_dir})"):
+    with timer.stage("check inputs", f"({cfg.ckpt_dir or 'per-component weights'})"):
         cfg.validate()
         opts.validate()
-        layout = preflight_checkpoint(cfg.ckpt_dir)
-        from .models.dit import DiTConfig
-
-        num_heads = DiTConfig.from_json(layout.expert(EXPERTS[0]) / "config.json").num_heads
+        layout = preflight_checkpoint(cfg.ckpt_dir, cfg.component_overrides(), cfg.dit_config)
+        num_heads = layout.dit_configs[EXPERTS[0]].num_heads
         check_parallel_layout(cfg, num_heads)
         check_fewstep_run(cfg, opts, layout)
     with timer.stage("read image", f"({image_path})"):
@@ -105,7 +104,7 @@ def preflight_run(cfg: EngineConfig, opts: GenerationOptions, image_path, out: O
             parent = metrics_json.parent if str(metrics_json.parent) else Path(".")
             if not parent.is_dir():
                 raise ConfigError(f"--metrics-json: {metrics_json}: directory {parent} does not exist")
-    return RunPlan(cfg, opts, image, out, metrics_json, frame_size, dict(timer.seconds))
+    return RunPlan(cfg, opts, image, out, metrics_json, frame_size, dict(timer.seconds), source_notes=layout.notes)
 
 
 def run_i2v(plan: RunPlan, say: Callable[..., None] = lambda message, level=1: print(message)) -> Path:
@@ -122,6 +121,8 @@ def run_i2v(plan: RunPlan, say: Callable[..., None] = lambda message, level=1: p
     for name, seconds in plan.timings.items():
         timer.add(name, seconds)
     width, height = plan.frame_size
+    for note in plan.source_notes:
+        say(note, level=2)
     say(f"i2v: {width}x{height}, {plan.opts.frame_num} frames, {plan.opts.steps} {plan.opts.solver} steps, "
         f"seed {plan.opts.seed}")
     with timer.stage("import engine"):

@@ -59,20 +59,20 @@ def describe_plan(plan: AdapterPlan) -> Dict[str, Any]:
             "skipped_clip_keys": len(plan.skipped_clip), "skipped_examples": list(plan.skipped_clip[:3])}
 
 
-def describe_adapter(path: Union[str, "os.PathLike[str]"], ckpt_dir: Optional[Union[str, "os.PathLike[str]"]] = None
-                     ) -> Dict[str, Any]:
-    """The adapter checked against each expert of `ckpt_dir` (or the released A14B shapes)."""
+def describe_adapter(path: Union[str, "os.PathLike[str]"], layout=None) -> Dict[str, Any]:
+    """The adapter checked against each expert of a preflighted checkpoint `layout`
+    (`io.checkpoint.preflight_checkpoint`), or the released A14B shapes without one."""
     from .plan import read_header
 
     path = Path(path)
     experts: Mapping[str, Mapping[str, Tuple[int, ...]]]
-    if ckpt_dir is not None:
-        from ..io.checkpoint import EXPERTS, preflight_checkpoint
+    if layout is not None:
+        from ..io.checkpoint import EXPERTS
         from ..models.dit_loading import inspect_expert
 
-        layout = preflight_checkpoint(ckpt_dir)
-        experts = {e: {r.name: r.shape for r in inspect_expert(layout.expert(e)).records} for e in EXPERTS}
-        against = str(layout.root)
+        experts = {e: {r.name: r.shape for r in inspect_expert(layout.expert(e), config_file=layout.dit_config).records}
+                   for e in EXPERTS}
+        against = str(layout.root) if layout.root is not None else "the given experts"
     else:
         experts = {"Wan2.2-I2V-A14B": released_expert_shapes()}
         against = "the released Wan2.2-I2V-A14B expert shapes"

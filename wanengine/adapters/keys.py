@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 from typing import Dict, Iterable, Optional, Tuple
 
-from ..models.diffusers_names import is_diffusers_layout, to_diffusers_name, to_wan_name
+from ..io.formats.dit_diffusers import is_diffusers_layout, to_diffusers_name, to_wan_name
 
 DOWN, UP, ALPHA, DIFF, DIFF_B, DIFF_M = "down", "up", "alpha", "diff", "diff_b", "diff_m"
 

@@ -57,14 +57,14 @@ class AdapterMerger:
 
     # ------------------------------------------------------------------ reading
     def _read(self, plan: AdapterPlan, stored: StoredTensor, device: torch.device) -> torch.Tensor:
-        from ..models.dit_loading import _read_tensor, _TensorRecord
+        from ..io.formats.safetensors_files import TensorRecord, read_tensor
 
         key = str(plan.path)
         handle = self._handles.get(key)
         if handle is None:
             handle = self._handles[key] = open(plan.path, "rb", buffering=0)
-        record = _TensorRecord(plan.path, stored.key, stored.key, stored.dtype, stored.shape, stored.begin, stored.end)
-        return _read_tensor(handle, record).to(device=device, dtype=torch.float32)
+        record = TensorRecord(plan.path, stored.key, stored.key, stored.dtype, stored.shape, stored.begin, stored.end)
+        return read_tensor(handle, record).to(device=device, dtype=torch.float32)
 
     def _delta(self, plan: AdapterPlan, delta: Delta, start: int, stop: int, shape: torch.Size,
                device: torch.device) -> torch.Tensor:

@@ -74,12 +74,12 @@ class AdapterPlan:
 
 def read_header(path: Path) -> Dict[str, StoredTensor]:
     """key -> StoredTensor from a safetensors header (validates the file; no data read)."""
-    from ..models.dit_loading import _read_header  # one safetensors header reader for the project
+    from ..io.formats.safetensors_files import read_header as read_safetensors_header
 
     if not path.is_file():
         raise CheckpointError(f"{path}: adapter file not found")
     return {key: StoredTensor(key, dtype, shape, begin, end)
-            for key, (dtype, shape, begin, end) in _read_header(path).items()}
+            for key, (dtype, shape, begin, end) in read_safetensors_header(path).items()}
 
 
 def _fits_pair(down: Sequence[int], up: Sequence[int], target: Sequence[int]) -> bool:
@@ -160,5 +160,6 @@ def plan_checkpoint_adapters(specs: Sequence[LoraSpec], layout) -> Dict[str, Lis
 
     if not specs:
         return {name: [] for name in EXPERTS}
-    shapes = {name: {r.name: r.shape for r in inspect_expert(layout.expert(name)).records} for name in EXPERTS}
+    shapes = {name: {r.name: r.shape for r in inspect_expert(layout.expert(name), config_file=layout.dit_config).records}
+              for name in EXPERTS}
     return plan_adapters(specs, shapes)

@@ -1,19 +1,32 @@
-"""Checkpoint discovery and preflight: is a directory a complete Wan2.2-I2V-A14B release?
+"""Checkpoint discovery and preflight: where every component comes from, in any layout, and
+is each one complete and consistent?
 
-Everything here reads only directory listings, JSON files, safetensors headers and zip
-directories -- never weights -- so it takes well under a second even on the 14B release
-and catches missing, truncated or inconsistent files, and tensors missing from or
-mis-shaped in an expert, before minutes of loading.
+Three ways to point at weights (spec `checkpoint.md`, `formats.md`):
+- `--ckpt-dir` with the released layout (`high_noise_model/`, `low_noise_model/`,
+  `models_t5_umt5-xxl-enc-bf16.pth`, `Wan2.1_VAE.pth`, `google/umt5-xxl/spiece.model`);
+- `--ckpt-dir` with a diffusers repository (`model_index.json`; `transformer/` = high-noise
+  expert, `transformer_2/` = low-noise, `vae/`, `text_encoder/`, `tokenizer/`);
+- one option per component (`--high-noise-model --low-noise-model --t5 --vae --tokenizer`),
+  each a file or a directory in any known naming, with or without `--ckpt-dir`; an option
+  beats the directory's component (the preflight notes it, shown at `--verbose`).
+
+Everything here reads only directory listings, JSON files, safetensors headers and
+memory-mapped pickles -- never weights -- so it takes well under a second even on the 14B
+release and catches missing, truncated or inconsistent files, and tensors missing from or
+mis-shaped in any component, before minutes of loading.
 """
 from __future__ import annotations
 
 import os
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
+from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Tuple, Union
 
 from ..errors import CheckpointError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..models.dit import DiTConfig
 
 T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
 VAE_FILE = "Wan2.1_VAE.pth"
@@ -21,31 +34,76 @@ TOKENIZER_DIR = "google/umt5-xxl"
 SPM_FILE = "spiece.model"
 EXPERTS = ("high_noise_model", "low_noise_model")
 INDEX_FILE = "diffusion_pytorch_model.safetensors.index.json"
+MODEL_INDEX = "model_index.json"
+COMPONENTS = (*EXPERTS, "t5", "vae", "tokenizer")
 
-LAYOUT_HINT = (f"expected {T5_FILE}, {VAE_FILE}, {TOKENIZER_DIR}/{SPM_FILE}, and "
-               f"{{high,low}}_noise_model/ with config.json + {INDEX_FILE} + shards")
+# Where each component sits in the two directory layouts.
+RELEASED_PATHS: Dict[str, str] = {"high_noise_model": "high_noise_model", "low_noise_model": "low_noise_model",
+                                  "t5": T5_FILE, "vae": VAE_FILE, "tokenizer": f"{TOKENIZER_DIR}/{SPM_FILE}"}
+DIFFUSERS_PATHS: Dict[str, str] = {"high_noise_model": "transformer", "low_noise_model": "transformer_2",
+                                   "t5": "text_encoder", "vae": "vae", "tokenizer": f"tokenizer/{SPM_FILE}"}
+OPTION_OF: Dict[str, str] = {"high_noise_model": "--high-noise-model", "low_noise_model": "--low-noise-model",
+                             "t5": "--t5", "vae": "--vae", "tokenizer": "--tokenizer"}
+WHAT: Dict[str, str] = {"high_noise_model": "high-noise expert", "low_noise_model": "low-noise expert",
+                        "t5": "text encoder", "vae": "VAE", "tokenizer": "tokenizer"}
+
+
+def _shown(component: str, path: str) -> str:
+    """A layout entry as listed in messages: directories end with "/"."""
+    return path + ("/" if component in EXPERTS or (component in ("t5", "vae") and "." not in path) else "")
+
+
+def _needs(paths: Mapping[str, str]) -> str:
+    return ", ".join(_shown(c, p) for c, p in paths.items())
+
+
+LAYOUT_HINT = (f"the released layout needs {_needs(RELEASED_PATHS)}; a diffusers repository needs "
+               f"{MODEL_INDEX}, {_needs(DIFFUSERS_PATHS)}")
+
+
+@dataclass(frozen=True)
+class Component:
+    """One component's source: its path, where it came from, and the layout found there."""
+
+    path: Path
+    origin: str  # e.g. "--ckpt-dir (diffusers repository)" or "--vae"
+    layout: str = ""
 
 
 @dataclass(frozen=True)
 class CheckpointLayout:
-    """Paths of every component of a released checkpoint directory."""
+    """Every component's source, checked by `preflight_checkpoint`.
 
-    root: Path
+    `root`/`kind`: the `--ckpt-dir` and its layout ("released" or "diffusers"), if given;
+    `notes`: overrides that beat a directory's component (shown at --verbose);
+    `dit_configs`: each expert's configuration (from config.json, --dit-config or shapes)."""
+
+    root: Optional[Path]
+    kind: Optional[str]
+    components: Dict[str, Component]
+    dit_config: Optional[Path] = None
+    dit_configs: Dict[str, "DiTConfig"] = field(default_factory=dict)
+    notes: Tuple[str, ...] = ()
 
     @property
     def t5(self) -> Path:
-        return self.root / T5_FILE
+        return self.components["t5"].path
 
     @property
     def vae(self) -> Path:
-        return self.root / VAE_FILE
+        return self.components["vae"].path
+
+    @property
+    def tokenizer(self) -> Path:
+        """The sentencepiece model file."""
+        return self.components["tokenizer"].path
 
     @property
     def tokenizer_dir(self) -> Path:
-        return self.root / TOKENIZER_DIR
+        return self.tokenizer.parent
 
     def expert(self, name: str) -> Path:
-        return self.root / name
+        return self.components[name].path
 
 
 def check_torch_zip(path: Path) -> None:
@@ -58,21 +116,104 @@ def check_torch_zip(path: Path) -> None:
         raise CheckpointError(f"{path}: not a readable torch checkpoint (corrupt or truncated?): {exc}") from None
 
 
-def preflight_checkpoint(ckpt_dir: Union[str, "os.PathLike[str]"]) -> CheckpointLayout:
-    """Check the whole released layout without reading weights; one CheckpointError per problem
-    found first (all missing files are listed together)."""
-    root = Path(ckpt_dir)
-    if not root.is_dir():
-        raise CheckpointError(f"--ckpt-dir: {root}: directory not found")
-    layout = CheckpointLayout(root)
-    required = [layout.t5, layout.vae, layout.tokenizer_dir / SPM_FILE] + [layout.expert(e) / "config.json" for e in EXPERTS]
-    missing = [str(p.relative_to(root)) for p in required if not p.is_file()]
-    if missing:
-        raise CheckpointError(f"--ckpt-dir: {root}: missing {', '.join(missing)} ({LAYOUT_HINT})")
-    from ..models.dit_loading import inspect_expert  # names, shapes, index and shards, from headers only
+def _tokenizer_file(path: Path, option: str) -> Path:
+    """A tokenizer source is `spiece.model` itself or a directory holding it."""
+    if path.is_dir():
+        if not (path / SPM_FILE).is_file():
+            raise CheckpointError(f"{option}: {path}: no {SPM_FILE} in this directory")
+        return path / SPM_FILE
+    return path
 
-    for expert in EXPERTS:
-        inspect_expert(layout.expert(expert))
-    check_torch_zip(layout.t5)
-    check_torch_zip(layout.vae)
-    return layout
+
+def _found(root: Path) -> str:
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir())
+    shown = ", ".join(names[:10]) + (f", ... ({len(names)} entries)" if len(names) > 10 else "")
+    return shown or "nothing (empty directory)"
+
+
+def resolve_sources(ckpt_dir: Optional[Union[str, "os.PathLike[str]"]] = None,
+                    overrides: Optional[Mapping[str, Optional[Union[str, "os.PathLike[str]"]]]] = None,
+                    dit_config: Optional[Union[str, "os.PathLike[str]"]] = None) -> CheckpointLayout:
+    """Which path each component comes from (no file is opened): the overrides, else the
+    `ckpt_dir` in its detected layout. One CheckpointError lists every missing component."""
+    given = {name: Path(p) for name, p in (overrides or {}).items() if p}
+    unknown = sorted(set(given) - set(COMPONENTS))
+    if unknown:
+        raise CheckpointError(f"unknown component(s) {', '.join(unknown)}; known: {', '.join(COMPONENTS)}")
+    for name, path in given.items():
+        if not path.exists():
+            raise CheckpointError(f"{OPTION_OF[name]}: {path}: not found")
+    if dit_config is not None and not Path(dit_config).is_file():
+        raise CheckpointError(f"--dit-config: {dit_config}: file not found")
+    root = Path(ckpt_dir) if ckpt_dir else None
+    components: Dict[str, Component] = {}
+    notes: List[str] = []
+    kind = None
+    if root is not None:
+        if not root.is_dir():
+            raise CheckpointError(f"--ckpt-dir: {root}: directory not found")
+        kind = "diffusers" if (root / MODEL_INDEX).is_file() else "released"
+        paths = DIFFUSERS_PATHS if kind == "diffusers" else RELEASED_PATHS
+        described = "diffusers repository" if kind == "diffusers" else "released layout"
+        missing = []
+        for name in COMPONENTS:
+            candidate = root / paths[name]
+            present = candidate.exists()
+            if name in given:
+                if present:
+                    notes.append(f"{OPTION_OF[name]} {given[name]} is used instead of {candidate} ({described})")
+                continue
+            if present:
+                components[name] = Component(candidate, f"--ckpt-dir ({described})")
+            else:
+                missing.append(f"{_shown(name, paths[name])} ({WHAT[name]})")
+        if missing:
+            options = " or ".join(OPTION_OF[n] for n in COMPONENTS if n not in given and n not in components)
+            raise CheckpointError(f"--ckpt-dir: {root} ({described}): missing {', '.join(missing)}; found "
+                                  f"{_found(root)}; {LAYOUT_HINT} (or give {options})")
+    else:
+        lacking = [OPTION_OF[n] for n in COMPONENTS if n not in given]
+        if lacking:
+            raise CheckpointError(f"no --ckpt-dir and no {', '.join(lacking)}: every component needs its own "
+                                  "option when no checkpoint directory is given")
+    for name, path in given.items():
+        components[name] = Component(path, OPTION_OF[name])
+    tokenizer = components["tokenizer"]
+    components["tokenizer"] = Component(_tokenizer_file(tokenizer.path, tokenizer.origin.split(" ")[0]),
+                                        tokenizer.origin)
+    return CheckpointLayout(root, kind, {n: components[n] for n in COMPONENTS},
+                            Path(dit_config) if dit_config else None, notes=tuple(notes))
+
+
+def _inspect(layout: CheckpointLayout) -> CheckpointLayout:
+    """Open every component from headers and check it against its model; fill in layouts."""
+    from ..models.dit_loading import inspect_expert  # names, shapes, index and shards, from headers only
+    from ..models.t5 import open_t5
+    from ..models.vae import open_vae
+
+    components = dict(layout.components)
+    configs = {}
+    for name in EXPERTS:
+        part = components[name]
+        plan = inspect_expert(part.path, config_file=layout.dit_config)
+        configs[name] = plan.config
+        components[name] = Component(part.path, part.origin, plan.layout)
+    for name, opener in (("t5", open_t5), ("vae", open_vae)):
+        part = components[name]
+        if part.path.is_file() and part.path.suffix in (".pth", ".pt"):
+            check_torch_zip(part.path)  # a clear message for a truncated zip before unpickling
+        _, tensors, _ = opener(part.path)
+        components[name] = Component(part.path, part.origin, tensors.layout)
+    part = components["tokenizer"]
+    if not part.path.is_file():
+        raise CheckpointError(f"{part.path}: tokenizer not found (a {SPM_FILE} file or a directory holding one)")
+    components["tokenizer"] = Component(part.path, part.origin, "sentencepiece model")
+    return CheckpointLayout(layout.root, layout.kind, components, layout.dit_config, configs, layout.notes)
+
+
+def preflight_checkpoint(ckpt_dir: Optional[Union[str, "os.PathLike[str]"]] = None,
+                         overrides: Optional[Mapping[str, Optional[Union[str, "os.PathLike[str]"]]]] = None,
+                         dit_config: Optional[Union[str, "os.PathLike[str]"]] = None) -> CheckpointLayout:
+    """Resolve every component (`resolve_sources`) and check each one without reading weights;
+    one CheckpointError naming the file (or the missing components) for the first problem."""
+    return _inspect(resolve_sources(ckpt_dir, overrides, dit_config))

@@ -1,49 +1,57 @@
-"""`wanengine info`: describe a checkpoint -- components, parameter counts, dtypes, bytes,
-configs -- from headers alone (safetensors headers; memory-mapped `.pth` pickles), without
-reading weights."""
+"""`wanengine info`: describe a checkpoint in any layout -- each component's source and layout,
+parameter counts, dtypes, bytes, configs -- from headers alone (safetensors headers;
+memory-mapped `.pth` pickles), without reading weights."""
 from __future__ import annotations
 
 import math
 import os
 from collections import Counter
-from pathlib import Path
-from typing import Any, Dict, Union
+from dataclasses import asdict
+from typing import Any, Dict, Optional
 
-from .checkpoint import EXPERTS, preflight_checkpoint
+from .checkpoint import EXPERTS, Component, preflight_checkpoint
 
-def _expert(expert_dir: Path) -> Dict[str, Any]:
-    from dataclasses import asdict
 
+def _expert(part: Component, dit_config) -> Dict[str, Any]:
     from ..models.dit_loading import inspect_expert
 
-    plan = inspect_expert(expert_dir)
+    plan = inspect_expert(part.path, config_file=dit_config)
     dtypes: Counter = Counter()
     for record in plan.records:
         dtypes[str(record.dtype).replace("torch.", "")] += math.prod(record.shape)
-    return {"path": str(expert_dir), "shards": len({r.shard for r in plan.records}), "tensors": len(plan.records),
+    return {"path": str(part.path), "from": part.origin, "layout": plan.layout,
+            "shards": len({r.shard for r in plan.records}), "tensors": len(plan.records),
             "parameters": plan.parameters, "bytes": plan.nbytes, "dtypes": dict(dtypes),
             "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(plan.config).items()}}
 
 
-def _pth(path: Path) -> Dict[str, Any]:
-    from ..models.loading import load_pth_state_dict  # mmap: shapes without reading data
-
-    state = load_pth_state_dict(path)
-    dtypes = Counter(str(t.dtype).replace("torch.", "") for t in state.values())
-    params = sum(t.numel() for t in state.values())
-    return {"path": str(path), "tensors": len(state), "parameters": params,
-            "bytes": sum(t.numel() * t.element_size() for t in state.values()), "dtypes": dict(dtypes),
-            "file_bytes": os.path.getsize(path)}
+def _component(part: Component, opener) -> Dict[str, Any]:
+    _, tensors, _ = opener(part.path)
+    dtypes = Counter(str(d).replace("torch.", "") for d in tensors.dtypes.values())
+    files = {r.shard for r in tensors.records} if tensors.records is not None else {part.path}
+    return {"path": str(part.path), "from": part.origin, "layout": tensors.layout, "tensors": len(tensors.shapes),
+            "parameters": tensors.parameters, "bytes": tensors.nbytes, "dtypes": dict(dtypes),
+            "file_bytes": sum(os.path.getsize(f) for f in files)}
 
 
-def describe_checkpoint(ckpt_dir: Union[str, "os.PathLike[str]"]) -> Dict[str, Any]:
-    layout = preflight_checkpoint(ckpt_dir)
-    description: Dict[str, Any] = {"ckpt_dir": str(layout.root)}
+def describe_checkpoint(ckpt_dir: Optional[str] = None, *, high_noise_model: Optional[str] = None,
+                        low_noise_model: Optional[str] = None, t5: Optional[str] = None, vae: Optional[str] = None,
+                        tokenizer: Optional[str] = None, dit_config: Optional[str] = None) -> Dict[str, Any]:
+    """Everything `info` prints, as a dict; the same preflight (and errors) as a run."""
+    from ..models.t5 import open_t5
+    from ..models.vae import open_vae
+
+    overrides = {"high_noise_model": high_noise_model, "low_noise_model": low_noise_model, "t5": t5, "vae": vae,
+                 "tokenizer": tokenizer}
+    layout = preflight_checkpoint(ckpt_dir, overrides, dit_config)
+    description: Dict[str, Any] = {"ckpt_dir": str(layout.root) if layout.root else None,
+                                   "ckpt_layout": layout.kind, "notes": list(layout.notes)}
     for name in EXPERTS:
-        description[name] = _expert(layout.expert(name))
-    description["t5"] = _pth(layout.t5)
-    description["vae"] = _pth(layout.vae)
-    description["tokenizer"] = {"path": str(layout.tokenizer_dir / "spiece.model")}
+        description[name] = _expert(layout.components[name], layout.dit_config)
+    description["t5"] = _component(layout.components["t5"], open_t5)
+    description["vae"] = _component(layout.components["vae"], open_vae)
+    tok = layout.components["tokenizer"]
+    description["tokenizer"] = {"path": str(tok.path), "from": tok.origin, "layout": tok.layout}
     return description
 
 
@@ -56,14 +64,21 @@ def _human(nbytes: float) -> str:
 
 
 def format_description(description: Dict[str, Any]) -> str:
-    lines = [f"checkpoint: {description['ckpt_dir']}", "",
-             f"{'component':<18} {'parameters':>15} {'size':>10}  dtypes"]
+    kind = description.get("ckpt_layout")
+    root = description["ckpt_dir"]
+    head = f"checkpoint: {root} ({'diffusers repository' if kind == 'diffusers' else 'released layout'})" \
+        if root else "checkpoint: per-component sources (no --ckpt-dir)"
+    lines = [head, "", f"{'component':<18} {'parameters':>15} {'size':>10}  dtypes"]
     for name in (*EXPERTS, "t5", "vae"):
         part = description[name]
         dtypes = ", ".join(f"{k}" for k in part["dtypes"])
         lines.append(f"{name:<18} {part['parameters']:>15,} {_human(part['bytes']):>10}  {dtypes}")
+    lines.append("")
+    for name in (*EXPERTS, "t5", "vae", "tokenizer"):
+        part = description[name]
+        lines.append(f"{name:<18} {part['layout']}: {part['path']} (from {part['from']})")
     for name in EXPERTS:
         config = description[name]["config"]
-        lines.append(f"\n{name}: {description[name]['shards']} shard(s); " +
+        lines.append(f"\n{name}: {description[name]['shards']} file(s); " +
                      ", ".join(f"{k}={v}" for k, v in config.items()))
     return "\n".join(lines)

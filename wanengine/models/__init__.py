@@ -1,7 +1,9 @@
 """Models with the released tensor names, and their loaders.
 
 `load_tokenizer(ckpt_dir)`, `load_t5(path, *, device, dtype)`, `load_dit(expert_dir, *, device,
-dtype)` and `load_vae(path, *, device, dtype)` read the released Wan2.2-I2V-A14B layout as is.
+dtype)` and `load_vae(path, *, device, dtype)` read the released Wan2.2-I2V-A14B layout as is;
+`load_t5`, `load_dit` and `load_vae` also read the other layouts users have (diffusers,
+transformers, single files), renamed by the tables in `wanengine.io.formats`.
 Imports are lazy so that `import wanengine.models` stays cheap.
 """
 from __future__ import annotations

@@ -12,16 +12,17 @@ import os
 import re
 from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, List, Mapping, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, List, Mapping, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from .. import kernels
 from ..errors import CheckpointError
-from .loading import assign_streaming, check_names_and_shapes, expected_shapes, iter_state_dict, load_pth_state_dict
+from .loading import assign_streaming, check_names_and_shapes, expected_shapes
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ..io.formats.component_files import ComponentTensors
     from .tokenizer import Tokenizer
 
 NORM_EPS = 1e-6
@@ -249,27 +250,31 @@ class UMT5Encoder(nn.Module):
 
 def load_t5(path: Union[str, "os.PathLike[str]"], *, device: Union[str, torch.device] = "cpu",
             dtype: torch.dtype = torch.bfloat16) -> UMT5Encoder:
-    """Load `models_t5_umt5-xxl-enc-bf16.pth` into a `UMT5Encoder` on `device` in `dtype`.
+    """Load the encoder into a `UMT5Encoder` on `device` in `dtype`, from
+    `models_t5_umt5-xxl-enc-bf16.pth`, a single `.safetensors` (e.g. `umt5_xxl_fp16.safetensors`)
+    or a transformers `text_encoder/` directory (names mapped by `wanengine.io.formats`).
 
-    The file is read memory-mapped and weights-only; the module is built on the meta device
-    and each tensor is moved to its target once, so no full float32 copy of an 11 GB file is
-    ever made. Raises CheckpointError naming the file (and tensor) on any mismatch.
+    The files are read memory-mapped (.pth, weights-only) or tensor by tensor (safetensors);
+    the module is built on the meta device and each tensor is moved to its target once, so no
+    full float32 copy of an 11 GB file is ever made. Raises CheckpointError naming the file
+    (and tensor) on any mismatch.
     """
-    model, state, source = open_t5(path)
-    return assign_streaming(model, iter_state_dict(state), device=device, dtype=dtype, source=source)
+    model, tensors, source = open_t5(path)
+    return assign_streaming(model, tensors.stream(), device=device, dtype=dtype, source=source)
 
 
-def open_t5(path: Union[str, "os.PathLike[str]"]) -> Tuple[UMT5Encoder, Dict[str, torch.Tensor], str]:
-    """The checked first half of loading: (the encoder built on the meta device, the
-    memory-mapped state dict, the file name for messages). Sharded loaders reuse it."""
-    source = os.fspath(path)
-    state = load_pth_state_dict(source)
-    shapes = {name: tuple(t.shape) for name, t in state.items()}
+def open_t5(path: Union[str, "os.PathLike[str]"]) -> Tuple[UMT5Encoder, "ComponentTensors", str]:
+    """The checked first half of loading: (the encoder built on the meta device, its tensors
+    not yet read -- `.stream()` them --, the file name for messages). Sharded loaders reuse it."""
+    from ..io.formats.component_files import T5_KIND, open_component
+
+    tensors = open_component(path, T5_KIND)
+    source, shapes = tensors.source, tensors.shapes
     cfg = T5Config.from_state_dict_shapes(shapes, source)
     with torch.device("meta"):
         model = UMT5Encoder(cfg)
     check_names_and_shapes(expected_shapes(model), shapes, source)
-    return model, state, source
+    return model, tensors, source
 
 
 @torch.no_grad()

@@ -15,15 +15,18 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Dict, Iterator, Mapping, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Iterator, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from ..constants import constants
 from ..errors import CheckpointError, UserInputError
-from .loading import assign_streaming, check_names_and_shapes, expected_shapes, iter_state_dict, load_pth_state_dict
+from .loading import assign_streaming, check_names_and_shapes, expected_shapes
 from .vae_blocks import CausalCache, CausalConv3d, Decoder3d, Encoder3d
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..io.formats.component_files import ComponentTensors
 
 SPATIAL_STRIDE = 8
 TEMPORAL_STRIDE = 4
@@ -217,14 +220,23 @@ def _as_batch(x: torch.Tensor, *, channels: int, what: str) -> Tuple[torch.Tenso
 
 def load_vae(path: Union[str, "os.PathLike[str]"], *, device: Union[str, torch.device] = "cpu",
              dtype: torch.dtype = torch.float32) -> WanVAE:
-    """Load `Wan2.1_VAE.pth`: infer the config from tensor shapes, build on the meta device,
-    check names and shapes strictly, then stream tensors in (RMS_norm gammas stay float32)."""
-    source = os.fspath(path)
-    state = load_pth_state_dict(source)
-    found: Dict[str, Tuple[int, ...]] = {name: tuple(t.shape) for name, t in state.items()}
+    """Load the VAE from `Wan2.1_VAE.pth`, a single `.safetensors` in released or diffusers
+    names (e.g. `wan_2.1_vae.safetensors`) or a diffusers `vae/` directory, streaming tensors
+    into the model `open_vae` checked (RMS_norm gammas stay float32)."""
+    model, tensors, source = open_vae(path)
+    return assign_streaming(model, tensors.stream(), device=device, dtype=dtype, source=source,
+                            keep_float32=("gamma",))
+
+
+def open_vae(path: Union[str, "os.PathLike[str]"]) -> Tuple[WanVAE, "ComponentTensors", str]:
+    """The checked first half of loading: the config inferred from tensor shapes, the model
+    built on the meta device, names and shapes checked strictly -- no weight read yet."""
+    from ..io.formats.component_files import VAE_KIND, open_component
+
+    tensors = open_component(path, VAE_KIND)
+    source, found = tensors.source, tensors.shapes
     config = infer_vae_config(found, source)
     with torch.device("meta"):
         model = WanVAE(config)
     check_names_and_shapes(expected_shapes(model), found, source)
-    return assign_streaming(model, iter_state_dict(state), device=device, dtype=dtype, source=source,
-                            keep_float32=("gamma",))
+    return model, tensors, source

@@ -89,6 +89,7 @@ class ParallelEngine(Engine):
             with AdapterMerger(self.adapter_plans.get(name, ())) as merger:
                 experts[name] = load_dit_sharded(self.layout.expert(name), device=self.device, dtype=self.dtype,
                                                  mesh=self._mesh, prepare=self._ulysses,
+                                                 config_file=self.layout.dit_config,
                                                  merge=merger.merge_ if merger else None)
         return experts
 

@@ -145,6 +145,7 @@ def copy_into_shards(model: nn.Module, tensors: Iterable[Tuple[str, torch.Tensor
 
 def load_dit_sharded(expert_dir: Union[str, "os.PathLike[str]"], *, device: torch.device, dtype: torch.dtype,
                      mesh, prepare: Optional[Callable[[nn.Module], nn.Module]] = None,
+                     config_file: Optional[Union[str, "os.PathLike[str]"]] = None,
                      merge: Optional[RowMerge] = None) -> nn.Module:
     """One expert, FSDP-sharded over `mesh` as it loads: meta build -> `prepare` (e.g. the
     Ulysses patch) -> shard -> allocate the shards on `device` -> stream the checkpoint, with
@@ -152,7 +153,7 @@ def load_dit_sharded(expert_dir: Union[str, "os.PathLike[str]"], *, device: torc
     from ..models.dit import WanDiT
     from ..models.dit_loading import FLOAT32_PARAMS, inspect_expert, stream_tensors
 
-    plan = inspect_expert(expert_dir)  # every check load_dit makes, from the headers
+    plan = inspect_expert(expert_dir, config_file=config_file)  # every check load_dit makes, from the headers
     source, records = plan.source, plan.records
     with torch.device("meta"):
         model = WanDiT(plan.config)
@@ -169,20 +170,19 @@ def load_dit_sharded(expert_dir: Union[str, "os.PathLike[str]"], *, device: torc
 
 def load_t5_sharded(path: Union[str, "os.PathLike[str]"], *, device: torch.device, dtype: torch.dtype,
                     mesh) -> nn.Module:
-    """The UMT5 encoder, FSDP-sharded over `mesh` as it loads (the `.pth` is memory-mapped and
-    read one tensor at a time). The token embedding and every block are their own units;
+    """The UMT5 encoder, FSDP-sharded over `mesh` as it loads (any layout `load_t5` reads, streamed
+    one tensor at a time). The token embedding and every block are their own units;
     the root is not sharded because `UMT5Encoder.encode` calls `self.forward` directly."""
-    from ..models.loading import iter_state_dict
     from ..models.t5 import open_t5
 
-    model, state, source = open_t5(path)
+    model, tensors, source = open_t5(path)
     _cast_meta(model, dtype, ())
     if fsdp2_available():
         apply_fsdp(model, mesh, units=("token_embedding",), shard_root=False)
         model.to_empty(device=device)
-        copy_into_shards(model, iter_state_dict(state), source)
+        copy_into_shards(model, tensors.stream(), source)
         return model.eval().requires_grad_(False)
-    return _fsdp1_streamed(model, iter_state_dict(state), device, source, units=("token_embedding",),
+    return _fsdp1_streamed(model, tensors.stream(), device, source, units=("token_embedding",),
                            shard_root=False)
 
 

@@ -1,5 +1,5 @@
-"""Tensor renaming between the released Wan layout and diffusers' `WanTransformer3DModel`
-(spec `checkpoint.md`, "Diffusers-format checkpoints"): pure renames, no reshapes.
+"""DiT expert naming table: the released Wan names <-> diffusers' `WanTransformer3DModel`
+names (spec `checkpoint.md`, "Diffusers-format checkpoints"): pure renames, no reshapes.
 
 The loader maps diffusers names to Wan names at load time (`to_wan_name`), so there is one
 model definition. `to_diffusers_name` is the inverse (used by tests to write a diffusers
