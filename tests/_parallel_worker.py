@@ -222,9 +222,11 @@ def case_e2e(args, rank: int, world: int) -> dict:
     from wanengine.parallel import is_writer, make_engine
 
     meta = json.loads((golden_dir() / "meta.json").read_text())["i2v"]
+    meta.update({k: getattr(args, k) for k in ("frame_num", "steps", "max_area") if getattr(args, k) is not None})
     cfg = EngineConfig(ckpt_dir=str(golden_dir() / "ckpt"), device="cpu", dtype="float32", progress=False,
                        ulysses_size=args.ulysses_size, cfg_size=args.cfg_size, dit_fsdp=args.dit_fsdp,
-                       t5_fsdp=args.t5_fsdp, vae_parallel=args.vae_parallel, cfg_batch=not args.sequential_cfg)
+                       t5_fsdp=args.t5_fsdp, vae_parallel=args.vae_parallel, cfg_batch=not args.sequential_cfg,
+                       quantize=args.quantize, quantize_t5=args.quantize)
     start = time.perf_counter()
     engine = make_engine(cfg)
     loaded = time.perf_counter()
@@ -308,7 +310,7 @@ def case_device(args, rank: int, world: int) -> dict:
 def case_fewstep(args, rank: int, world: int) -> dict:
     """`ParallelEngine` with 4 Euler steps (test_fewstep_parallel.py): `--cfg-size 2` with guidance
     off on the low-noise expert only, or Ulysses x FSDP with the LoRA files the parent put in
-    OUT_DIR (`*.safetensors`, merged into each rank's shard rows). Every rank saves its latent;
+    OUT_DIR (`lora_*.safetensors`, merged as the tensors stream in, before each rank keeps its rows). Every rank saves its latent;
     with FSDP each rank also compares its merged shards with a single-process merge."""
     import torch
     from safetensors.torch import save_file
@@ -345,8 +347,34 @@ def case_fewstep(args, rank: int, world: int) -> dict:
     return report
 
 
+def case_fsdp8(args, rank: int, world: int) -> dict:
+    """An fp8 expert (quantized at load) under FSDP: sharded vs. the same load unsharded, and the
+    bytes each rank holds (int8 and the text encoder are covered by `e2e --quantize int8`)."""
+    import torch
+    import torch.distributed as dist
+    from safetensors.torch import load_file
+
+    from helpers import golden_dir
+    from wanengine.parallel.fsdp import full_parameter_bytes, load_dit_sharded, local_parameter_bytes, world_mesh
+    from wanengine.quant.loading import load_expert
+
+    dist.init_process_group("gloo")
+    expert = golden_dir() / "ckpt" / "low_noise_model"
+    golden = load_file(str(golden_dir() / "dit.safetensors"))
+    x, y, t = golden["x"], golden["y"], golden["t"]
+    context = [golden["context"]] if golden["context"].dim() == 2 else list(golden["context"])
+    fp8 = torch.float8_e4m3fn
+    with torch.no_grad():
+        sharded = load_dit_sharded(expert, device=torch.device("cpu"), dtype=torch.float32, mesh=world_mesh("cpu"),
+                                   quantize=fp8)
+        plain = load_expert(expert, device="cpu", dtype=torch.float32, quantize=fp8)
+        return {"local_fraction": local_parameter_bytes(sharded) / full_parameter_bytes(sharded),
+                "fp8_parameters": sum(p.dtype == fp8 for p in sharded.parameters()),
+                "max_abs_vs_unsharded": _max_abs(sharded(x, t, context, y), plain(x, t, context, y))}
+
+
 CASES = {"attention": case_attention, "vae": case_vae, "fsdp": case_fsdp, "e2e": case_e2e, "device": case_device,
-         "fewstep": case_fewstep}
+         "fewstep": case_fewstep, "fsdp8": case_fsdp8}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -360,6 +388,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--vae-parallel", action="store_true")
     parser.add_argument("--sequential-cfg", action="store_true")
     parser.add_argument("--device-type", default="cuda")
+    parser.add_argument("--quantize", default=None, help="int8 / fp8 block linears of the experts and T5 (e2e)")
+    parser.add_argument("--frame-num", type=int, default=None, help="e2e: instead of the golden case's")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--max-area", type=int, default=None)
     args = parser.parse_args(argv)
     import torch
     import torch.distributed as dist

@@ -21,6 +21,7 @@ import typer
 
 from . import __version__
 from .cli_argv import UsageError
+from .cli_quant import PANEL as QUANT_PANEL, quantize_option, quantize_t5_option
 from .cli_weights import (ckpt_dir_option, dit_config_option, high_noise_option, low_noise_option, t5_option,
                           tokenizer_option, vae_option, weight_sources)
 from .errors import UserInputError
@@ -185,6 +186,8 @@ def i2v(
     vae: Optional[Path] = vae_option(),
     tokenizer: Optional[Path] = tokenizer_option(),
     dit_config: Optional[Path] = dit_config_option(),
+    quantize: Optional[str] = quantize_option(),
+    quantize_t5: Optional[str] = quantize_t5_option(),
     preset: Optional[str] = typer.Option(None, "--preset", rich_help_panel=FEWSTEP,
                                          help="distill-4step: euler, 4 steps, shift 5.0, guidance 1.0 "
                                               "(explicit flags override)."),
@@ -214,6 +217,7 @@ def i2v(
                        kernel_backend=kernel_backend, offload_model=offload_model, t5_cpu=t5_cpu,
                        vae_tile_rows=vae_tile_rows, ulysses_size=ulysses_size, cfg_size=cfg_size, dit_fsdp=dit_fsdp,
                        t5_fsdp=t5_fsdp, vae_parallel=vae_parallel, progress=_State.verbosity > 0,
+                       quantize=quantize, quantize_t5=quantize_t5,
                        loras=tuple(lora_specs_from_flags(lora or (), lora_high or (), lora_low or ())))
     cfg.validate(), opts.validate()  # usage errors before torch is imported
 
@@ -331,12 +335,15 @@ def convert(
     vae: Optional[Path] = vae_option(),
     tokenizer: Optional[Path] = tokenizer_option(),
     dit_config: Optional[Path] = dit_config_option(),
+    quantize: Optional[str] = quantize_option("int8 or fp8: write the experts' block linears 8-bit "
+                                              "(default: 8-bit sources are dequantized to bfloat16)."),
+    quantize_t5: Optional[str] = quantize_t5_option(),
 ) -> None:
     """Write any layout as the released layout, tensor by tensor (stored dtypes kept)."""
     from .io.convert import convert_checkpoint
 
     sources = weight_sources(ckpt_dir, high_noise_model, low_noise_model, t5, vae, tokenizer, dit_config)
-    convert_checkpoint(out, **sources, say=say)
+    convert_checkpoint(out, **sources, say=say, quantize=quantize, quantize_t5=quantize_t5)
 
 
 # --------------------------------------------------------------------------- plan
@@ -390,6 +397,14 @@ def plan_command(
     as_json: bool = typer.Option(False, "--json", metavar="", rich_help_panel=OUTPUT, help="Print JSON instead of tables."),
     convert_model_dtype: bool = typer.Option(False, "--convert-model-dtype", metavar="", hidden=True),
     task: str = typer.Option("i2v-A14B", "--task", hidden=True),
+    weights: Optional[str] = typer.Option(None, "--weights", rich_help_panel=QUANT_PANEL,
+                                          show_default="--quantize, else the run dtype",
+                                          help="int8 or fp8: the experts' block linears in 8 bits."),
+    t5_weights: Optional[str] = typer.Option(None, "--t5-weights", rich_help_panel=QUANT_PANEL,
+                                             show_default="--quantize-t5, else the run dtype",
+                                             help="int8 or fp8: the text encoder's block linears in 8 bits."),
+    quantize: Optional[str] = quantize_option("As for i2v: the experts quantized at load (sets --weights)."),
+    quantize_t5: Optional[str] = quantize_t5_option("As for i2v (sets --t5-weights)."),
     guide_scale: Optional[str] = typer.Option(None, "--guide-scale", rich_help_panel=FEWSTEP,
                                               help="LOW,HIGH: a step whose expert has 1.0 runs one forward."),
     sample_shift: float = typer.Option(5.0, "--sample-shift", rich_help_panel=FEWSTEP,
@@ -411,7 +426,8 @@ def plan_command(
                        dit_fsdp=dit_fsdp, t5_fsdp=t5_fsdp, t5_cpu=t5_cpu, offload=offload_model, cfg_batch=cfg_batch,
                        dtype=resolve_dtype(dtype, convert_model_dtype), vae_parallel=vae_parallel, device=hardware,
                        device_peak_tflops=peak_tflops, device_memory_gb=memory_gb, efficiency=efficiency,
-                       link_gbps=link_gbps, placement=device, guide_scale=scales, shift=sample_shift)
+                       link_gbps=link_gbps, placement=device, weights=weights or quantize,
+                       t5_weights=t5_weights or quantize_t5, guide_scale=scales, shift=sample_shift)
     print(json.dumps(dataclasses.asdict(result), indent=2, default=str) if as_json else format_plan(result))
 
 

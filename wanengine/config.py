@@ -17,6 +17,7 @@ from .errors import ConfigError
 DTYPES = ("float32", "bfloat16", "float16")
 SOLVERS = ("unipc", "dpm++", "euler")
 KERNEL_BACKENDS = ("auto", "reference", "torch", "cuda", "npu")  # "cuda" and "torch": the torch-fused one
+QUANTIZE_FORMATS = ("int8", "fp8")  # 8-bit weight formats of --quantize / --quantize-t5
 VAE_STRIDE = (4, 8, 8)
 PATCH = (1, 2, 2)
 COMPONENT_FIELDS = ("high_noise_model", "low_noise_model", "t5", "vae", "tokenizer")
@@ -45,6 +46,9 @@ class EngineConfig:
             `umt5_xxl_fp16.safetensors`, `wan_2.1_vae.safetensors`, a `spiece.model` or its
             directory); each beats the `ckpt_dir`'s component.
         dit_config: a config.json for single-file experts (else inferred from tensor shapes).
+        quantize: "int8" or "fp8": quantize the experts' block linears stored in full precision
+            while loading (`--quantize`; published 8-bit experts load as they are without it).
+        quantize_t5: the same for the text encoder's block linears (`--quantize-t5`).
         loras: LoRA / delta adapters merged into the experts once at load (`LoraSpec`: path,
             strength, expert "high" | "low" | "both"); several on one expert add up.
     """
@@ -70,6 +74,8 @@ class EngineConfig:
     vae: Optional[str] = None
     tokenizer: Optional[str] = None
     dit_config: Optional[str] = None
+    quantize: Optional[str] = None
+    quantize_t5: Optional[str] = None
     loras: Sequence[LoraSpec] = ()
 
     def component_overrides(self) -> Dict[str, Optional[str]]:
@@ -95,6 +101,10 @@ class EngineConfig:
             raise ConfigError(f"cfg_size (--cfg-size): must be 1 or 2 (two guidance branches), got {self.cfg_size}")
         if self.vae_tile_rows is not None and self.vae_tile_rows < 1:
             raise ConfigError(f"vae_tile_rows: must be >= 1, got {self.vae_tile_rows}")
+        for name in ("quantize", "quantize_t5"):
+            if getattr(self, name) is not None and getattr(self, name) not in QUANTIZE_FORMATS:
+                raise ConfigError(f"{name} (--{name.replace('_', '-')}): {getattr(self, name)!r} is not one of "
+                                  f"{', '.join(QUANTIZE_FORMATS)}")
         validate_specs(self.loras)
         return self
 

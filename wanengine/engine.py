@@ -85,25 +85,35 @@ class Engine:
         """UMT5 on the device, or on the host with `t5_cpu` or offload. With offload (and not
         `t5_cpu`) it visits the device only to encode; its host copy stays, so leaving the
         device is dropping the device tensors, not copying 11 GB back."""
-        from .models import load_t5
+        from .quant.loading import load_t5  # models.load_t5, plus 8-bit encoders and --quantize-t5
 
         home = torch.device("cpu") if (self.cfg.t5_cpu or self.offload) else self.device
-        t5 = load_t5(self.layout.t5, device=home, dtype=self.dtype)
+        t5 = load_t5(self.layout.t5, device=home, dtype=self.dtype, quantize=self.quantize_dtype("quantize_t5"))
         visits = self.offload and not self.cfg.t5_cpu
         self.t5_visits = ExpertSwitcher({"t5": t5}, self.device, offload=True) if visits else None
         return t5
 
     def load_experts(self) -> Dict[str, nn.Module]:
         """Both experts, on the host with offload (the switcher moves one in at a time)."""
-        from .models import load_dit
+        from .quant.loading import load_expert  # load_dit, plus 8-bit experts and --quantize
+        from .adapters.merge import AdapterMerger
 
         home = torch.device("cpu") if self.offload else self.device
+        quantize = self.quantize_dtype("quantize")
         experts = {}
-        for name in EXPERTS:
-            experts[name] = load_dit(self.layout.expert(name), device=home, dtype=self.dtype,
-                                     config_file=self.layout.dit_config)
-            self.merge_adapters(name, experts[name])
+        for name in EXPERTS:  # adapters merge into each tensor as it streams in (float32, then stored dtype)
+            with AdapterMerger(self.adapter_plans.get(name, ())) as merger:
+                experts[name] = load_expert(self.layout.expert(name), device=home, dtype=self.dtype,
+                                            quantize=quantize, config_file=self.layout.dit_config,
+                                            merger=merger if merger else None)
         return experts
+
+    def quantize_dtype(self, option: str) -> Optional[torch.dtype]:
+        """The 8-bit storage dtype `--quantize` / `--quantize-t5` asks for, or None."""
+        from .quant.schemes import resolve_quant_dtype
+
+        name = getattr(self.cfg, option)
+        return resolve_quant_dtype(name, f"--{option.replace('_', '-')}") if name else None
 
     # ------------------------------------------------------------------ adapters
     def plan_adapters(self):
@@ -113,13 +123,6 @@ class Engine:
         plans = plan_checkpoint_adapters(self.cfg.loras, self.layout)
         self.adapter_report = [p.summary() for name in EXPERTS for p in plans[name]]
         return plans
-
-    def merge_adapters(self, name: str, expert: nn.Module) -> None:
-        """Merge the adapters planned for expert `name` into it, once, in place."""
-        if self.adapter_plans.get(name):
-            from .adapters.merge import merge_into_model
-
-            merge_into_model(expert, self.adapter_plans[name])
 
     # ------------------------------------------------------------------ stages
     @kernels.using_own_kernels

@@ -169,6 +169,10 @@ class Plan:
     assumptions: Tuple[str, ...]
     placement: str = "accelerator"   # "cpu" or "accelerator": where the weights live (see placement_kind)
     efficiency_source: str = ""
+    weights: Optional[str] = None      # 8-bit expert block linears ("int8" / "fp8"), None: at dtype
+    t5_weights: Optional[str] = None   # the same for the text encoder
+    dit_bytes_per_expert: Optional[float] = None  # weight bytes of one expert / the text encoder,
+    t5_bytes: Optional[float] = None              # 8-bit block linears counted at 1 byte + scales
 
 
 def make_plan(size: Optional[str] = "1280*720", frame_num: int = 81, steps: int = 40, solver: str = "unipc",
@@ -180,17 +184,19 @@ def make_plan(size: Optional[str] = "1280*720", frame_num: int = 81, steps: int 
               vae_tflops: Optional[float] = None, vae_efficiency: Optional[float] = None,
               link_gbps: Optional[float] = None, max_area: Optional[int] = None,
               image_aspect: Optional[float] = None, placement: Optional[str] = None,
+              weights: Optional[str] = None, t5_weights: Optional[str] = None,
               guide_scale: Optional[Tuple[float, float]] = None, shift: float = 5.0) -> Plan:
     """Cost of one video. `cfg`: guidance on (cond + uncond forwards each step). `world_size`
     None means cfg_size * ulysses_size. `offload` None means what the engine does: on for
     accelerators (off with `dit_fsdp`, whose shards stay on the devices), off on the CPU.
     `device` picks a preset (`DEVICE_PRESETS`); explicit figures override it. `placement` is
     an i2v `--device` value (see `placement_kind`). `image_aspect` is the input image's
-    height / width (default: the size's own). `guide_scale` (low_noise, high_noise), when
-    given, decides guidance per step instead of `cfg`: a step whose expert's scale is 1.0 runs
-    one forward (the sampler's timesteps at `shift` route the steps to the experts), e.g. 4
-    forwards for `--preset distill-4step`. Invalid combinations raise ConfigError; wasteful
-    ones become `Plan.warnings`."""
+    height / width (default: the size's own). `weights` / `t5_weights`: "int8" or "fp8" for
+    8-bit block linears in the experts / the text encoder (`quant.sizes`); None keeps them at
+    `dtype`. `guide_scale` (low_noise, high_noise), when given, decides guidance per step
+    instead of `cfg`: a step whose expert's scale is 1.0 runs one forward (the sampler's
+    timesteps at `shift` route the steps to the experts), e.g. 4 forwards for `--preset
+    distill-4step`. Invalid combinations raise ConfigError; wasteful ones become `Plan.warnings`."""
     preset = _preset(device)
     kind = placement_kind(placement, preset)
     world = cfg_size * ulysses_size if world_size is None else world_size
@@ -250,6 +256,7 @@ def make_plan(size: Optional[str] = "1280*720", frame_num: int = 81, steps: int 
                   t5_fsdp=t5_fsdp, t5_cpu=t5_cpu, cfg_batch=cfg_batch, vae_parallel=vae_parallel)
     sizes = dict(geometry=geometry, dit=dit, dit_params=dit_params, block_params=block_params, t5=t5,
                  t5_params=t5_params, vae_params=vae_params, vae_dim=vae["dim"], encoder=encoder, decoder=decoder)
+    sizes.update(_weight_sizes(dtype, weights, t5_weights, dit, dit_params, block_params, t5, t5_params))
     capacity = capacity_gb * GB if capacity_gb is not None else None
     memory = _memory(offload=offload, capacity=capacity, **layout, **sizes)
 
@@ -267,13 +274,18 @@ def make_plan(size: Optional[str] = "1280*720", frame_num: int = 81, steps: int 
                     + ("" if offload else " (both experts resident, as the engine keeps them)"),)
     if peak is not None:
         assumptions += (f"efficiency {eff:.2f}: {eff_source}",)
+    if weights or t5_weights:
+        assumptions += ("8-bit weights: block linears at 1 byte + a float32 scale per output row, the rest at the "
+                        "run dtype; FLOP and time as for the run dtype (an 8-bit GEMM is not modelled), and a layer "
+                        "dequantized just before its matmul adds one transient weight (<= 0.14 GB in bf16)",)
     plan = Plan(size=f"{geometry.width}*{geometry.height}", frame_num=frame_num, steps=steps, solver=solver, cfg=cfg,
                 world_size=world, ulysses_size=ulysses_size, cfg_size=cfg_size, dit_fsdp=dit_fsdp, t5_fsdp=t5_fsdp,
                 t5_cpu=t5_cpu, offload=offload, cfg_batch=cfg_batch, dtype=dtype, vae_parallel=vae_parallel,
                 device=preset.name if preset else None, peak_tflops=peak, efficiency=eff, link_gbps=link,
                 dit_params_per_expert=dit_params, t5_params=t5_params, vae_params=vae_params, geometry=geometry,
                 flops=flops, memory=memory, timing=timing, warnings=(), assumptions=assumptions, placement=kind,
-                efficiency_source=eff_source)
+                efficiency_source=eff_source, weights=weights, t5_weights=t5_weights,
+                dit_bytes_per_expert=sizes["dit_bytes"], t5_bytes=sizes["t5_bytes"])
     requested = parse_size(size) if size is not None and image_aspect is None and max_area is None else None
     without_offload = _memory(offload=False, capacity=capacity, **layout, **sizes) if offload else None
     return replace(plan, warnings=tuple(_warnings(plan, requested, preset, without_offload)))
@@ -363,14 +375,15 @@ def _step_branches(solver: str, steps: int, shift: float, guide_scale: Optional[
 def _memory(*, offload: bool, capacity: Optional[float], dtype: str, world: int, ulysses: int, cfg: bool,
             cfg_size: int, dit_fsdp: bool, t5_fsdp: bool, t5_cpu: bool, cfg_batch: bool, vae_parallel: bool,
             geometry: Geometry, dit: dict, dit_params: int, block_params: int, t5: dict, t5_params: int,
-            vae_params: int, vae_dim: int, encoder: VaeTally, decoder: VaeTally) -> Memory:
+            vae_params: int, vae_dim: int, encoder: VaeTally, decoder: VaeTally, dit_bytes: float,
+            block_bytes: float, t5_bytes: float) -> Memory:
     """Per-device bytes in the four phases of a run: text encoding, VAE encode, denoising, decode."""
     width = DTYPE_BYTES[dtype]
     experts = 1 if offload else 2
-    dit_weights = experts * dit_params * width / (world if dit_fsdp else 1)
-    gather = 2 * block_params * width if dit_fsdp and world > 1 else 0.0  # current + prefetched block
+    dit_weights = experts * dit_bytes / (world if dit_fsdp else 1)
+    gather = 2 * block_bytes if dit_fsdp and world > 1 else 0.0  # current + prefetched block
     dit_idle = 0.0 if offload else dit_weights  # offloaded experts live on the host outside the loop
-    t5_weights = 0.0 if t5_cpu else t5_params * width / (world if t5_fsdp else 1)
+    t5_weights = 0.0 if t5_cpu else t5_bytes / (world if t5_fsdp else 1)
     t5_idle = 0.0 if (offload or t5_cpu) else t5_weights
     text_len = constants()["defaults"]["text_len"]
     # Two prompts: a few [512, D] / [512, dim_ffn] float32 tensors and one [H, 512, 512] bias.
@@ -411,6 +424,20 @@ def _memory(*, offload: bool, capacity: Optional[float], dtype: str, world: int,
 
 
 PHASES = ("text", "encode", "denoise", "decode")
+
+
+def _weight_sizes(dtype: str, weights: Optional[str], t5_weights: Optional[str], dit: dict, dit_params: int,
+                  block_params: int, t5: dict, t5_params: int) -> Dict[str, float]:
+    """Bytes of one expert, one of its blocks and the text encoder, 8-bit block linears if asked."""
+    from .quant.sizes import check_weights, dit_block_linears, t5_block_linears, weight_bytes
+
+    check_weights(weights, "--weights")
+    check_weights(t5_weights, "--t5-weights")
+    width = DTYPE_BYTES[dtype]
+    dit_linears, t5_linears = dit_block_linears(**dit), t5_block_linears(**t5)
+    return {"dit_bytes": weight_bytes(dit_params, dit["num_layers"], dit_linears, width, weights),
+            "block_bytes": weight_bytes(block_params, 1, dit_linears, width, weights),
+            "t5_bytes": weight_bytes(t5_params, t5["num_layers"], t5_linears, width, t5_weights)}
 
 
 def _timing(flops: Flops, geometry: Geometry, dim: int, layers: int, dit_params: int, dtype: str, steps: int,

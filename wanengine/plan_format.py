@@ -44,8 +44,11 @@ def format_plan(plan: Plan) -> str:
     lines.append("Parameters")
     width = DTYPE_BYTES[plan.dtype]
     expert = plan.dit_params_per_expert
-    row("DiT, one expert", f"{expert / 1e9:.2f} B", f"{expert * width / GB:.1f} GB")
-    row("UMT5-XXL encoder", f"{plan.t5_params / 1e9:.2f} B", f"{plan.t5_params * width / GB:.1f} GB")
+    dit_bytes = plan.dit_bytes_per_expert if plan.dit_bytes_per_expert is not None else expert * width
+    t5_bytes = plan.t5_bytes if plan.t5_bytes is not None else plan.t5_params * width
+    eight_bit = lambda fmt: f" ({fmt} linears)" if fmt else ""  # noqa: E731
+    row("DiT, one expert" + eight_bit(plan.weights), f"{expert / 1e9:.2f} B", f"{dit_bytes / GB:.1f} GB")
+    row("UMT5-XXL encoder" + eight_bit(plan.t5_weights), f"{plan.t5_params / 1e9:.2f} B", f"{t5_bytes / GB:.1f} GB")
     row("VAE", f"{plan.vae_params / 1e6:.1f} M", f"{plan.vae_params * 4 / GB:.2f} GB")
     lines.append("Compute" + " " * 27 + f"{'whole run':>14}{'per device':>14}")
     share = f.attention_per_block / (f.attention_per_block + f.linear_per_block)

@@ -9,9 +9,12 @@ at a time (the accumulator and one delta), so host memory stays near the weights
 unmerged weights are never kept. An adapter of strength 0 is not read at all, so the expert
 stays bit-identical.
 
-Applied from outside the model: `merge_into_model` walks a loaded model's tensors by name;
-`AdapterMerger.merge_` takes any row range of a tensor, so the FSDP loader merges each rank's
-own dim-0 shard rows only (`(up @ down)[rows] = up[rows] @ down`) before installing them.
+Applied from outside the model: the engine hands an `AdapterMerger` to the expert loader
+(`quant.loading.load_expert` / `parallel.fsdp.load_dit_sharded`, `merger=`), which merges each
+tensor as it streams in, before it is installed (or, under FSDP, before each rank keeps its
+rows); 8-bit layers are dequantized, merged and re-quantized there (`quant.lora`).
+`merge_into_model` does the same on an already loaded model. `AdapterMerger.merge_` also takes
+a row range of a tensor (`(up @ down)[rows] = up[rows] @ down`).
 """
 from __future__ import annotations
 

@@ -187,15 +187,15 @@ def resolve_sources(ckpt_dir: Optional[Union[str, "os.PathLike[str]"]] = None,
 
 def _inspect(layout: CheckpointLayout) -> CheckpointLayout:
     """Open every component from headers and check it against its model; fill in layouts."""
-    from ..models.dit_loading import inspect_expert  # names, shapes, index and shards, from headers only
-    from ..models.t5 import open_t5
     from ..models.vae import open_vae
+    # names, shapes, index and shards from headers only -- and the 8-bit layout, if any
+    from ..quant.loading import inspect_expert_8bit, open_t5
 
     components = dict(layout.components)
     configs = {}
     for name in EXPERTS:
         part = components[name]
-        plan = inspect_expert(part.path, config_file=layout.dit_config)
+        plan = inspect_expert_8bit(part.path, config_file=layout.dit_config).plan
         configs[name] = plan.config
         components[name] = Component(part.path, part.origin, plan.layout)
     for name, opener in (("t5", open_t5), ("vae", open_vae)):

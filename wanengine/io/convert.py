@@ -135,9 +135,16 @@ def write_pth(path: Path, tensors) -> None:
 def convert_checkpoint(out, ckpt_dir: Optional[str] = None, *, high_noise_model: Optional[str] = None,
                        low_noise_model: Optional[str] = None, t5: Optional[str] = None, vae: Optional[str] = None,
                        tokenizer: Optional[str] = None, dit_config: Optional[str] = None,
-                       shard_bytes: int = SHARD_BYTES, say: Callable[..., None] = lambda message, level=1: None) -> Path:
-    """Write the sources (as for a run) into `out` in the released layout; returns `out`."""
-    from ..models.dit_loading import inspect_expert
+                       shard_bytes: int = SHARD_BYTES, say: Callable[..., None] = lambda message, level=1: None,
+                       quantize: Optional[str] = None, quantize_t5: Optional[str] = None) -> Path:
+    """Write the sources (as for a run) into `out` in the released layout; returns `out`.
+    8-bit sources are dequantized; `quantize` / `quantize_t5` ("int8" / "fp8") write the
+    experts' / text encoder's block linears 8-bit instead (`wanengine.quant.convert`)."""
+    from ..quant.loading import inspect_expert_8bit
+    from ..quant.schemes import resolve_quant_dtype
+
+    eight_bit = {"experts": resolve_quant_dtype(quantize, "--quantize") if quantize else None,
+                 "t5": resolve_quant_dtype(quantize_t5, "--quantize-t5") if quantize_t5 else None}
 
     out = Path(out)
     _check_destination(out)
@@ -146,11 +153,11 @@ def convert_checkpoint(out, ckpt_dir: Optional[str] = None, *, high_noise_model:
     layout = preflight_checkpoint(ckpt_dir, overrides, dit_config)
     for note in layout.notes:
         say(note, level=2)
-    plans = {name: inspect_expert(layout.expert(name), config_file=layout.dit_config) for name in EXPERTS}
+    plans = {name: inspect_expert_8bit(layout.expert(name), config_file=layout.dit_config) for name in EXPERTS}
     created = not out.exists()
     out.mkdir(exist_ok=True)
     try:
-        _write_all(out, layout, plans, shard_bytes, say)
+        _write_all(out, layout, plans, shard_bytes, say, eight_bit)
     except BaseException:  # leave no half-converted checkpoint behind (DST was new or empty)
         if created:
             shutil.rmtree(out, ignore_errors=True)
@@ -162,15 +169,30 @@ def convert_checkpoint(out, ckpt_dir: Optional[str] = None, *, high_noise_model:
     return out
 
 
-def _write_all(out: Path, layout, plans, shard_bytes: int, say: Callable[..., None]) -> None:
-    from ..models.t5 import open_t5
+def _write_all(out: Path, layout, plans, shard_bytes: int, say: Callable[..., None], eight_bit) -> None:
     from ..models.vae import open_vae
+    from ..quant import convert as quant_convert
+    from ..quant.loading import open_t5  # models.t5.open_t5, plus the 8-bit layout
 
     for name in EXPERTS:
-        say(f"convert: {name} ({plans[name].layout}) -> {out / name}")
-        _write_expert(out / name, plans[name], shard_bytes)
+        plan = plans[name]
+        if plan.layout.quantized or eight_bit["experts"] is not None:  # 8-bit in or out: computed tensors
+            tensors, what = quant_convert.expert_tensors(layout.expert(name), config_file=layout.dit_config,
+                                                         quantize=eight_bit["experts"])
+            say(f"convert: {name} ({plan.plan.layout}; {what}) -> {out / name}")
+            quant_convert.write_expert_stream(out / name, _released_config(plan.config), tensors, shard_bytes)
+            continue
+        say(f"convert: {name} ({plan.plan.layout}) -> {out / name}")
+        _write_expert(out / name, plan.plan, shard_bytes)
     for name, opener, file_name in (("t5", open_t5, T5_FILE), ("vae", open_vae, VAE_FILE)):
         _, tensors, _ = opener(layout.components[name].path)
+        if name == "t5" and (tensors.eight_bit.quantized or eight_bit["t5"] is not None):
+            state, what = quant_convert.t5_state(layout.components[name].path, quantize=eight_bit["t5"])
+            say(f"convert: {name} ({tensors.layout}; {what}) -> {out / file_name}")
+            with atomic_path(out / file_name) as tmp:
+                torch.save(state, tmp)
+            del state
+            continue
         say(f"convert: {name} ({tensors.layout}) -> {out / file_name}")
         write_pth(out / file_name, tensors)
     token_dst = out / Path(RELEASED_PATHS["tokenizer"]).parent

@@ -13,16 +13,18 @@ from .checkpoint import EXPERTS, Component, preflight_checkpoint
 
 
 def _expert(part: Component, dit_config) -> Dict[str, Any]:
-    from ..models.dit_loading import inspect_expert
+    from ..quant.loading import describe_8bit, inspect_expert_8bit
 
-    plan = inspect_expert(part.path, config_file=dit_config)
+    quant_plan = inspect_expert_8bit(part.path, config_file=dit_config)  # inspect_expert + the 8-bit layout
+    plan = quant_plan.plan
     dtypes: Counter = Counter()
     for record in plan.records:
         dtypes[str(record.dtype).replace("torch.", "")] += math.prod(record.shape)
     return {"path": str(part.path), "from": part.origin, "layout": plan.layout,
             "shards": len({r.shard for r in plan.records}), "tensors": len(plan.records),
             "parameters": plan.parameters, "bytes": plan.nbytes, "dtypes": dict(dtypes),
-            "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(plan.config).items()}}
+            "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(plan.config).items()},
+            "eight_bit": describe_8bit(quant_plan.layout)}
 
 
 def _component(part: Component, opener) -> Dict[str, Any]:
@@ -31,15 +33,22 @@ def _component(part: Component, opener) -> Dict[str, Any]:
     files = {r.shard for r in tensors.records} if tensors.records is not None else {part.path}
     return {"path": str(part.path), "from": part.origin, "layout": tensors.layout, "tensors": len(tensors.shapes),
             "parameters": tensors.parameters, "bytes": tensors.nbytes, "dtypes": dict(dtypes),
-            "file_bytes": sum(os.path.getsize(f) for f in files)}
+            "file_bytes": sum(os.path.getsize(f) for f in files), **_eight_bit(tensors)}
+
+
+def _eight_bit(tensors) -> Dict[str, Any]:
+    from ..quant.loading import describe_8bit
+
+    layout = getattr(tensors, "eight_bit", None)  # set by the 8-bit-aware opener (quant.loading.open_t5)
+    return {"eight_bit": describe_8bit(layout)} if layout is not None else {}
 
 
 def describe_checkpoint(ckpt_dir: Optional[str] = None, *, high_noise_model: Optional[str] = None,
                         low_noise_model: Optional[str] = None, t5: Optional[str] = None, vae: Optional[str] = None,
                         tokenizer: Optional[str] = None, dit_config: Optional[str] = None) -> Dict[str, Any]:
     """Everything `info` prints, as a dict; the same preflight (and errors) as a run."""
-    from ..models.t5 import open_t5
     from ..models.vae import open_vae
+    from ..quant.loading import open_t5  # models.t5.open_t5, plus 8-bit block linears
 
     overrides = {"high_noise_model": high_noise_model, "low_noise_model": low_noise_model, "t5": t5, "vae": vae,
                  "tokenizer": tokenizer}
@@ -81,4 +90,18 @@ def format_description(description: Dict[str, Any]) -> str:
         config = description[name]["config"]
         lines.append(f"\n{name}: {description[name]['shards']} file(s); " +
                      ", ".join(f"{k}={v}" for k, v in config.items()))
+        lines.extend(_eight_bit_line(description[name]))
+    t5_line = _eight_bit_line(description["t5"])
+    if t5_line:
+        lines.extend(["", "t5:", *t5_line])
     return "\n".join(lines)
+
+
+def _eight_bit_line(part: Dict[str, Any]) -> list:
+    """`  8-bit: <format>: N block linears (N int8), e.g. ...` when the component has any."""
+    eight_bit = part.get("eight_bit")
+    if not eight_bit or not eight_bit["layers"]:
+        return []
+    dtypes = ", ".join(f"{n} {d}" for d, n in eight_bit["dtypes"].items())
+    return [f"  8-bit: {eight_bit['format']}: {eight_bit['layers']} block linears ({dtypes}), "
+            f"e.g. {', '.join(eight_bit['examples'])}"]

@@ -185,3 +185,72 @@ def layer_norm_modulate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tenso
     normed = F.layer_norm(x.float(), (dim,), eps=eps)
     # addcmul: the multiply and add in one pass over the [B, L, D] activations.
     return torch.addcmul(shift.float(), normed, 1 + scale.float()).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- 8-bit linear
+# fp8 weights run as a scaled fp8 GEMM (`torch._scaled_mm`) with dynamic per-token activation
+# scales where the device has fp8 tensor cores (compute capability >= 8.9); everything else
+# (int8 weights, older GPUs, shapes _scaled_mm rejects, the CPU) dequantizes the weight just
+# before the matmul, exactly as `reference.linear8`.
+_FP8_DTYPE = getattr(torch, "float8_e4m3fn", None)
+HAS_SCALED_MM = hasattr(torch, "_scaled_mm") and _FP8_DTYPE is not None
+FP8_MAX = 448.0
+# Device types on which the fp8 GEMM may run (a tuple so tests can point it at the CPU, where
+# torch._scaled_mm also exists).
+_FP8_MM_DEVICE_TYPES = ("cuda",)
+_FP8_MIN_CAPABILITY = (8, 9)
+_ROWWISE_MIN_CAPABILITY = (9, 0)  # row-wise scales in one _scaled_mm call (Hopper and later)
+_fp8_modes: dict = {}
+
+
+def per_token_fp8(x2d: torch.Tensor) -> "tuple[torch.Tensor, torch.Tensor]":
+    """Dynamic symmetric per-token quantization of `[M, K]` activations to float8_e4m3fn:
+    `scale = row_absmax / 448` (1 for an all-zero row), `q = (x / scale)` cast -> (q, scale [M, 1])."""
+    xf = x2d.to(torch.float32)
+    absmax = xf.abs().amax(dim=1, keepdim=True)
+    scale = torch.where(absmax > 0, absmax / FP8_MAX, torch.ones_like(absmax))
+    return (xf / scale).clamp_(-FP8_MAX, FP8_MAX).to(_FP8_DTYPE), scale
+
+
+def _fp8_mode(device: torch.device) -> Optional[str]:
+    """'rowwise', 'tensorwise' or None (no fp8 GEMM) for `device`, decided once per device."""
+    key = str(device)
+    if key not in _fp8_modes:
+        mode = None
+        if HAS_SCALED_MM and device.type in _FP8_MM_DEVICE_TYPES:
+            capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else _ROWWISE_MIN_CAPABILITY
+            if capability >= _ROWWISE_MIN_CAPABILITY:
+                mode = "rowwise"
+            elif capability >= _FP8_MIN_CAPABILITY:
+                mode = "tensorwise"
+        _fp8_modes[key] = mode
+    return _fp8_modes[key]
+
+
+def linear8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+            bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`x W^T + bias` with `W = qweight * scale`; fp8 GEMM where available, else dequantize.
+
+    fp8 GEMM: `x` is quantized per token (`per_token_fp8`), then `_scaled_mm(xq, qweight^T)`
+    with the token scales `[M, 1]` and the weight's channel scales `[1, N]` -- in the GEMM's
+    epilogue ('rowwise', bf16 output, for bf16 inputs on compute capability >= 9.0) or, on 8.9
+    and for other input dtypes, as a float32 GEMM result multiplied by both scales afterwards.
+    The bias is added after the GEMM. Error vs. the dequantized weight: the activation rounding
+    to e4m3 (relative 2^-4 per element, averaging out over K).
+    """
+    mode = _fp8_mode(x.device) if qweight.dtype == _FP8_DTYPE else None
+    out_features, in_features = qweight.shape
+    if mode is None or in_features % 16 or out_features % 16:
+        return reference.linear8(x, qweight, scale, bias)
+    lead = x.shape[:-1]
+    xq, x_scale = per_token_fp8(x.reshape(-1, in_features))
+    w_scale = scale.to(torch.float32).reshape(1, out_features)
+    if mode == "rowwise" and x.dtype == torch.bfloat16:
+        out = torch._scaled_mm(xq, qweight.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=torch.bfloat16)
+    else:
+        one = torch.ones((), dtype=torch.float32, device=x.device)
+        out = torch._scaled_mm(xq, qweight.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
+        out = out * x_scale * w_scale
+    if bias is not None:
+        out = out + bias.to(out.dtype)
+    return out.reshape(*lead, out_features).to(x.dtype)

@@ -187,3 +187,10 @@ def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
 def layer_norm_modulate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float) -> torch.Tensor:
     """Parameter-free LayerNorm followed by `* (1 + scale) + shift` (per-sample scale/shift)."""
     return _impl(x).layer_norm_modulate(x, scale, shift, eps)
+
+
+def linear8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+            bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`x W^T + bias` for an 8-bit weight: `W = qweight.float() * scale` (`qweight [N, K]` int8 or
+    float8_e4m3fn, `scale [N, 1]` float32); `x [..., K]`, result `[..., N]` in x's dtype."""
+    return _impl(x).linear8(x, qweight, scale, bias)

@@ -250,3 +250,34 @@ def layer_norm_modulate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tenso
         return _layer_norm_eval(xf, weight_rows[0], bias_rows[0], eps).to(x.dtype)
     outs = [_layer_norm_eval(xf[b : b + 1], weight_rows[b], bias_rows[b], eps) for b in range(rows)]
     return torch.cat(outs).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- 8-bit linear
+_QUANT_MATMUL_MAX_DIM = 65535  # K and N limit of npu_quant_matmul
+
+
+def linear8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+            bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`x W^T + bias` with `W = qweight * scale`: int8 W8A8 on the NPU, fp8 dequantized.
+
+    int8: tokens flattened to `[M, K]` (fp16/bf16; float32 is cast to bf16, the operator takes
+    no float32), `npu_dynamic_quant` gives int8 activations and per-token float32 scales `(M,)`,
+    then `npu_quant_matmul(xq, qweight^T [K, N], scale (N,), pertoken_scale=(M,), bias,
+    output_dtype=bf16)` -- without `output_dtype` the operator would return int8. Atlas A2 has
+    no fp8 matmul, so fp8 weights (and shapes beyond the operator's limits) are dequantized
+    just before the matmul, as `reference.linear8`.
+    """
+    out_features, in_features = qweight.shape
+    if qweight.dtype != torch.int8 or max(in_features, out_features) > _QUANT_MATMUL_MAX_DIM:
+        return reference.linear8(x, qweight, scale, bias)
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, in_features)
+    if x2d.dtype not in _HALF_DTYPES:
+        x2d = x2d.to(torch.bfloat16)
+    xq, token_scale = torch_npu.npu_dynamic_quant(x2d)
+    if bias is not None and bias.dtype not in (torch.bfloat16, torch.float32):
+        bias = bias.to(torch.float32)
+    out = torch_npu.npu_quant_matmul(xq, qweight.t(), scale.to(torch.float32).reshape(out_features),
+                                     pertoken_scale=token_scale.reshape(-1), bias=bias,
+                                     output_dtype=torch.bfloat16)
+    return out.reshape(*lead, out_features).to(x.dtype)

@@ -59,3 +59,12 @@ def layer_norm_modulate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tenso
     """`LN(x) * (1 + scale) + shift` with a parameter-free LN; float32 math, result in x's dtype."""
     normed = F.layer_norm(x.float(), x.shape[-1:], eps=eps)
     return (normed * (1 + scale.float()) + shift.float()).to(x.dtype)
+
+
+def linear8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+            bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """8-bit linear by dequantizing just before the matmul: `W = qweight.float() * scale` in float32,
+    cast to x's dtype, then `F.linear`. In float32 this is exactly the layer with the dequantized
+    weight stored in full precision (the accuracy baseline of every 8-bit path)."""
+    weight = (qweight.to(torch.float32) * scale.to(torch.float32)).to(x.dtype)
+    return F.linear(x, weight, bias.to(x.dtype) if bias is not None else None)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 import os
-from typing import Dict, Iterable, Iterator, Mapping, Optional, Tuple, Union
+from typing import Callable, Dict, Iterable, Iterator, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -77,15 +77,19 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
 
 def assign_streaming(model: nn.Module, tensors: Iterable[Tuple[str, torch.Tensor]], *,
                      device: Union[str, torch.device], dtype: Optional[torch.dtype], source: str,
-                     keep_float32: Iterable[str] = ()) -> nn.Module:
+                     keep_float32: Iterable[str] = (),
+                     dtype_of: Optional[Callable[[str, torch.Tensor], torch.dtype]] = None) -> nn.Module:
     """Move each `(name, tensor)` to `device`/`dtype` and install it in the meta-built `model`,
     one tensor at a time. Floating tensors whose name contains one of `keep_float32` stay
-    float32 (small parameters the spec computes in float32). Raises if any tensor stays on meta."""
+    float32 (small parameters the spec computes in float32); `dtype_of(name, tensor)`, when
+    given, decides the dtype instead (a wrapper's own policy). Raises if any tensor stays on meta."""
     keep = tuple(keep_float32)
     for name, tensor in tensors:
         target = dtype if (dtype is not None and tensor.is_floating_point()) else tensor.dtype
         if tensor.is_floating_point() and any(k in name for k in keep):
             target = torch.float32
+        if dtype_of is not None:
+            target = dtype_of(name, tensor)
         _set_tensor(model, name, tensor.to(device=device, dtype=target, copy=False))
         del tensor
     left = [n for n, t in model.state_dict(keep_vars=True).items() if t.is_meta]

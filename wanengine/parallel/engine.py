@@ -77,7 +77,8 @@ class ParallelEngine(Engine):
         if not self.cfg.t5_fsdp:
             return super().load_text_encoder()
         self.t5_visits = None  # sharded over the devices, it stays there
-        return load_t5_sharded(self.layout.t5, device=self.device, dtype=self.dtype, mesh=self._mesh)
+        return load_t5_sharded(self.layout.t5, device=self.device, dtype=self.dtype, mesh=self._mesh,
+                               quantize=self.quantize_dtype("quantize_t5"))
 
     def load_experts(self) -> Dict[str, nn.Module]:
         if not self.cfg.dit_fsdp:
@@ -85,12 +86,13 @@ class ParallelEngine(Engine):
         from ..adapters.merge import AdapterMerger
 
         experts = {}
-        for name in EXPERTS:  # adapters merge into each rank's own shard rows as they stream in
+        for name in EXPERTS:  # adapters merge into each full tensor as it streams in, before the rows are kept
             with AdapterMerger(self.adapter_plans.get(name, ())) as merger:
                 experts[name] = load_dit_sharded(self.layout.expert(name), device=self.device, dtype=self.dtype,
                                                  mesh=self._mesh, prepare=self._ulysses,
                                                  config_file=self.layout.dit_config,
-                                                 merge=merger.merge_ if merger else None)
+                                                 quantize=self.quantize_dtype("quantize"),
+                                                 merger=merger if merger else None)
         return experts
 
     # ------------------------------------------------------------------ stages

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 
 try:  # torch >= 2.6
     from torch.distributed.fsdp import FSDPModule, fully_shard as _fully_shard  # type: ignore[attr-defined]
@@ -94,23 +94,9 @@ def full_parameter_bytes(model: nn.Module) -> int:
 
 
 # --------------------------------------------------------------------------- shard-wise loading
-def _cast_meta(model: nn.Module, dtype: Optional[torch.dtype], keep_float32: Tuple[str, ...]) -> None:
-    """Give the meta-built model's parameters their final dtypes (free on meta)."""
-    for name, param in model.named_parameters():
-        if dtype is not None and param.is_floating_point():
-            target = torch.float32 if any(k in name for k in keep_float32) else dtype
-            param.data = param.data.to(target)
-
-
-# merge(name, rows, start): add adapter deltas in place to `rows`, rows [start, ...) of tensor `name`.
-RowMerge = Callable[[str, torch.Tensor, int], object]
-
-
-def copy_into_shards(model: nn.Module, tensors: Iterable[Tuple[str, torch.Tensor]], source: str,
-                     merge: Optional[RowMerge] = None) -> None:
+def copy_into_shards(model: nn.Module, tensors: Iterable[Tuple[str, torch.Tensor]], source: str) -> None:
     """Install full checkpoint tensors into a sharded model, keeping only this rank's rows
-    (dim-0 `torch.chunk` shards, FSDP2's layout); unsharded parameters are copied whole.
-    `merge` (adapters) is applied to exactly the rows this rank keeps, before they are installed."""
+    (dim-0 `torch.chunk` shards, FSDP2's layout); unsharded parameters are copied whole."""
     params = dict(model.named_parameters())
     seen = set()
     with torch.no_grad():
@@ -129,12 +115,8 @@ def copy_into_shards(model: nn.Module, tensors: Iterable[Tuple[str, torch.Tensor
                 part = chunks[index] if index < len(chunks) else full[:0]
                 if tuple(part.shape) != tuple(local.shape):
                     raise RuntimeError(f"FSDP shard of {name}: expected {tuple(local.shape)}, got {tuple(part.shape)}")
-                if merge is not None:
-                    merge(name, part, sum(c.shape[0] for c in chunks[:index]))
                 local.copy_(part)
             else:
-                if merge is not None:
-                    merge(name, full, 0)
                 param.copy_(full)
             seen.add(name)
             del full
@@ -146,50 +128,58 @@ def copy_into_shards(model: nn.Module, tensors: Iterable[Tuple[str, torch.Tensor
 def load_dit_sharded(expert_dir: Union[str, "os.PathLike[str]"], *, device: torch.device, dtype: torch.dtype,
                      mesh, prepare: Optional[Callable[[nn.Module], nn.Module]] = None,
                      config_file: Optional[Union[str, "os.PathLike[str]"]] = None,
-                     merge: Optional[RowMerge] = None) -> nn.Module:
-    """One expert, FSDP-sharded over `mesh` as it loads: meta build -> `prepare` (e.g. the
-    Ulysses patch) -> shard -> allocate the shards on `device` -> stream the checkpoint, with
-    `merge` (adapter deltas) applied to each tensor's rows before they enter the shards."""
-    from ..models.dit import WanDiT
-    from ..models.dit_loading import FLOAT32_PARAMS, inspect_expert, stream_tensors
+                     quantize: Optional[torch.dtype] = None, merger=None) -> nn.Module:
+    """One expert, FSDP-sharded over `mesh` as it loads: meta build (8-bit block linears as
+    `Linear8`, stored 8-bit or `quantize`d while streaming) -> `prepare` (e.g. the Ulysses
+    patch) -> shard -> allocate the shards on `device` -> stream the checkpoint. 8-bit weights
+    and their scales are sharded by rows like any parameter, so each rank holds 1/world of them.
+    `merger`: adapter deltas merged into the full tensors as they stream (`quant.lora`), before
+    each rank keeps its rows."""
+    from ..models.dit_loading import FLOAT32_PARAMS
+    from ..quant.loading import open_expert
 
-    plan = inspect_expert(expert_dir, config_file=config_file)  # every check load_dit makes, from the headers
-    source, records = plan.source, plan.records
-    with torch.device("meta"):
-        model = WanDiT(plan.config)
-    _cast_meta(model, dtype, FLOAT32_PARAMS)
+    # every check load_dit makes, from the headers; the meta model already has its final dtypes
+    model, tensors, source = open_expert(expert_dir, dtype=dtype, quantize=quantize, keep_float32=FLOAT32_PARAMS,
+                                         config_file=config_file, merger=merger)
     if prepare is not None:
         model = prepare(model)
     if fsdp2_available():
         apply_fsdp(model, mesh, units=DIT_UNITS)
         model.to_empty(device=device)
-        copy_into_shards(model, stream_tensors(records), source, merge=merge)
+        copy_into_shards(model, tensors, source)
         return model.eval().requires_grad_(False)
-    return _fsdp1_streamed(model, stream_tensors(records), device, source, units=DIT_UNITS, merge=merge)
+    _refuse_8bit_fsdp1(model)
+    return _fsdp1_streamed(model, tensors, device, source, units=DIT_UNITS)
 
 
 def load_t5_sharded(path: Union[str, "os.PathLike[str]"], *, device: torch.device, dtype: torch.dtype,
-                    mesh) -> nn.Module:
-    """The UMT5 encoder, FSDP-sharded over `mesh` as it loads (any layout `load_t5` reads, streamed
-    one tensor at a time). The token embedding and every block are their own units;
-    the root is not sharded because `UMT5Encoder.encode` calls `self.forward` directly."""
-    from ..models.t5 import open_t5
+                    mesh, quantize: Optional[torch.dtype] = None) -> nn.Module:
+    """The UMT5 encoder, FSDP-sharded over `mesh` as it loads (any layout `load_t5` reads,
+    streamed one tensor at a time; block linears 8-bit as stored or with `quantize`). The token
+    embedding and every block are their own units; the root is not sharded because
+    `UMT5Encoder.encode` calls `self.forward` directly."""
+    from ..quant.loading import open_t5
 
-    model, tensors, source = open_t5(path)
-    _cast_meta(model, dtype, ())
+    model, tensors, source = open_t5(path, dtype=dtype, quantize=quantize)
     if fsdp2_available():
         apply_fsdp(model, mesh, units=("token_embedding",), shard_root=False)
         model.to_empty(device=device)
         copy_into_shards(model, tensors.stream(), source)
         return model.eval().requires_grad_(False)
-    return _fsdp1_streamed(model, tensors.stream(), device, source, units=("token_embedding",),
-                           shard_root=False)
+    _refuse_8bit_fsdp1(model)
+    return _fsdp1_streamed(model, tensors.stream(), device, source, units=("token_embedding",), shard_root=False)
+
+
+def _refuse_8bit_fsdp1(model: nn.Module) -> None:
+    """FSDP1 flattens a unit's parameters into one tensor of one dtype: no 8-bit weights there."""
+    if any(not p.is_floating_point() or p.element_size() == 1 for p in model.parameters()):
+        raise ConfigError(f"--dit-fsdp/--t5-fsdp with 8-bit weights needs FSDP2 (torch >= 2.4; this is "
+                          f"{torch.__version__})")
 
 
 # --------------------------------------------------------------------------- FSDP1 (torch < 2.4)
 def _fsdp1_streamed(model: nn.Module, tensors: Iterator[Tuple[str, torch.Tensor]], device: torch.device,
-                    source: str, *, units: Iterable[str] = (), shard_root: bool = True,
-                    merge: Optional[RowMerge] = None) -> nn.Module:
+                    source: str, *, units: Iterable[str] = (), shard_root: bool = True) -> nn.Module:
     """FSDP1 fallback: materialise the meta-built model on the host, stream the tensors in, and
     wrap each unit (every block, then `units`) as soon as all its tensors have arrived --
     wrapping shards it onto `device` and frees the host copy. Then the root is wrapped
@@ -212,8 +202,6 @@ def _fsdp1_streamed(model: nn.Module, tensors: Iterator[Tuple[str, torch.Tensor]
             if name not in params:
                 raise CheckpointError(f"{source}: unexpected tensor {name}")
             params[name].copy_(full.to(params[name].dtype))
-            if merge is not None:  # on the whole host tensor, before wrapping shards it
-                merge(name, params[name].data, 0)
             for prefix in prefixes:
                 if name.startswith(prefix + "."):
                     pending[prefix].discard(name[len(prefix) + 1:])

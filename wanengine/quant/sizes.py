@@ -1,0 +1,46 @@
+"""Bytes of 8-bit experts and text encoders from their configuration numbers, for `wanengine
+plan --weights int8|fp8` (spec `formats.md` 3, "Memory").
+
+The block linears (DiT: self/cross-attention q, k, v, o and ffn.0 / ffn.2; UMT5: attention
+q, k, v, o and the three FFN matrices) take 1 byte per weight plus one float32 scale per output
+row; every other tensor (embeddings, head, norms, modulation, biases) stays at the run width.
+For the 14B expert that is 14.05 GB of 8-bit linears plus ~0.55 GB of the rest (~0.51x bf16).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+from .schemes import QUANT_DTYPES
+
+SCALE_BYTES = 4  # float32 per output row
+
+
+def dit_block_linears(dim: int, ffn_dim: int, **_: object) -> Tuple[int, int]:
+    """(weights, output rows) of one DiT block's quantizable linears."""
+    weights = 8 * dim * dim + 2 * dim * ffn_dim  # 2 attentions x (q, k, v, o), ffn.0, ffn.2
+    rows = 8 * dim + ffn_dim + dim
+    return weights, rows
+
+
+def t5_block_linears(dim: int, dim_attn: int, dim_ffn: int, **_: object) -> Tuple[int, int]:
+    weights = 4 * dim * dim_attn + 3 * dim * dim_ffn  # q, k, v, o; gate.0, fc1, fc2
+    rows = 3 * dim_attn + dim + 2 * dim_ffn + dim
+    return weights, rows
+
+
+def check_weights(weights: Optional[str], flag: str) -> None:
+    from ..errors import ConfigError
+
+    if weights is not None and weights not in QUANT_DTYPES:
+        raise ConfigError(f"{flag}: {weights!r} is not an 8-bit format; choose one of {', '.join(QUANT_DTYPES)}")
+
+
+def weight_bytes(params: int, blocks: int, block_linears: Tuple[int, int], width: int,
+                 weights: Optional[str]) -> float:
+    """Bytes of `params` parameters at `width` bytes, with `blocks` blocks' linears 8-bit when
+    `weights` names an 8-bit format (None: everything at `width`)."""
+    if weights is None:
+        return float(params * width)
+    linear_weights, rows = block_linears
+    quantized = blocks * linear_weights
+    return float((params - quantized) * width + quantized * 1 + blocks * rows * SCALE_BYTES)
