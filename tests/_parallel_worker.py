@@ -332,14 +332,14 @@ def case_fewstep(args, rank: int, world: int) -> dict:
     save_file({"latent": video.latent.contiguous()}, str(out_dir / f"latent{rank}.safetensors"))
     report = {"dit_forwards": video.metadata["dit_forwards"], "adapters": video.metadata.get("adapters", [])}
     if args.dit_fsdp:
-        from wanengine.adapters.merge import merge_into_model
-        from wanengine.models.dit_loading import load_dit
+        from wanengine.adapters.merge import AdapterMerger
+        from wanengine.quant.loading import load_expert
 
         equal = []
         for name, sharded in engine.experts.experts.items():
-            plain = load_dit(golden_dir() / "ckpt" / name, device="cpu", dtype=torch.float32)
-            merge_into_model(plain, engine.adapter_plans[name])
-            want = plain.state_dict()
+            with AdapterMerger(engine.adapter_plans[name]) as merger:  # the single-process load
+                want = load_expert(golden_dir() / "ckpt" / name, device="cpu", dtype=torch.float32,
+                                   merger=merger).state_dict()
             for key, param in sharded.named_parameters():
                 full = param.full_tensor() if hasattr(param, "full_tensor") else param
                 equal.append(bool(torch.equal(full, want[key])))

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from lora_helpers import (LINEAR_TARGETS, closed_form, expert_shapes, kohya, lora_tensors, pair_delta,
                           premerged_checkpoint, random_lora, write_lora)
@@ -218,13 +219,16 @@ def test_end_to_end_with_adapters_equals_a_premerged_checkpoint(tmp_path, golden
     path_high = write_lora(tmp_path / "lora" / "high_noise_model.safetensors", lora_tensors(high, rename=kohya))
     specs = [LoraSpec(str(path_both), 0.8, "both"), LoraSpec(str(path_high), 1.0, "high")]
     merged = {}
-    for expert in experts:  # by hand: the closed form, in the adapters' order
-        state = {k: v.clone() for k, v in load_dit(golden_ckpt / expert, device="cpu", dtype=torch.float32).state_dict().items()}
-        for module, pair in both.items():
-            state[module + ".weight"] = state[module + ".weight"] + pair_delta(pair, 0.8)
-        if expert == "high_noise_model":
-            for module, pair in high.items():
-                state[module + ".weight"] = state[module + ".weight"] + pair_delta(pair, 1.0)
+    for expert in experts:  # by hand: the closed form in float32, in the adapters' order, stored dtype
+        state = {}
+        for shard in sorted((golden_ckpt / expert).glob("*.safetensors")):
+            state.update(load_file(str(shard)))  # the golden high expert is stored bf16, the low float32
+        for module in LINEAR_TARGETS:
+            name = module + ".weight"
+            total = state[name].float() + pair_delta(both[module], 0.8)
+            if expert == "high_noise_model" and module in high:
+                total = total + pair_delta(high[module], 1.0)
+            state[name] = total.to(state[name].dtype)
         merged[expert] = state
     premerged = premerged_checkpoint(golden_ckpt, tmp_path / "premerged", merged)
     call = dict(image=golden / "input.png", prompt="a cat", max_area=12288, frame_num=5, seed=3,

@@ -13,7 +13,9 @@ Applied from outside the model: the engine hands an `AdapterMerger` to the exper
 (`quant.loading.load_expert` / `parallel.fsdp.load_dit_sharded`, `merger=`), which merges each
 tensor as it streams in, before it is installed (or, under FSDP, before each rank keeps its
 rows); 8-bit layers are dequantized, merged and re-quantized there (`quant.lora`).
-`merge_into_model` does the same on an already loaded model. `AdapterMerger.merge_` also takes
+`merge_into_model` does the same on an already loaded model (then "stored dtype" is the loaded
+parameter's dtype: for a bf16 checkpoint run in float32 it keeps the float32 sum, where the
+engine's streamed merge rounds to bf16 like a pre-merged bf16 checkpoint would). `AdapterMerger.merge_` also takes
 a row range of a tensor (`(up @ down)[rows] = up[rows] @ down`).
 """
 from __future__ import annotations
