@@ -458,6 +458,12 @@ def read_aspect(image: Path) -> float:
     return height / width
 
 
+# --------------------------------------------------------------------------- serve
+from .serve.command import serve as _serve  # noqa: E402  (its options live in wanengine/serve/command.py)
+
+app.command("serve")(handles_errors(_serve))
+
+
 # --------------------------------------------------------------------------- entry point
 def run_app(args: List[str]) -> int:
     """Parse and run `args` (already rewritten by `cli_argv.normalize_argv`); returns the exit
