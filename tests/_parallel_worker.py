@@ -12,6 +12,7 @@ Cases:
   fsdp       sharded loading: parameter bytes per rank, golden DiT and T5 outputs, bf16 parity.
   e2e        `ParallelEngine` on the golden image-to-video case; rank 0 saves the video.
   cache      the step cache under the layouts of `--layouts`, one engine after the other.
+  fewstep    4-step Euler runs: CFG parallel with mixed guidance, Ulysses x FSDP with LoRA adapters.
   device     by hand on an accelerator host (`torchrun --nproc_per_node=N tests/_parallel_worker.py
              device OUT`): the device-specific paths against the golden data.
 """
@@ -307,6 +308,46 @@ def case_device(args, rank: int, world: int) -> dict:
     return report
 
 
+def case_fewstep(args, rank: int, world: int) -> dict:
+    """`ParallelEngine` with 4 Euler steps (test_fewstep_parallel.py): `--cfg-size 2` with guidance
+    off on the low-noise expert only, or Ulysses x FSDP with the LoRA files the parent put in
+    OUT_DIR (`lora_*.safetensors`, merged as the tensors stream in, before each rank keeps its rows). Every rank saves its latent;
+    with FSDP each rank also compares its merged shards with a single-process merge."""
+    import torch
+    from safetensors.torch import save_file
+
+    from helpers import golden_dir
+    from wanengine.adapters import LoraSpec
+    from wanengine.config import EngineConfig
+    from wanengine.parallel import make_engine
+
+    out_dir = Path(args.out_dir)
+    loras = [LoraSpec(str(p), 0.8 if "both" in p.name else 1.0, "both" if "both" in p.name else "high")
+             for p in sorted(out_dir.glob("lora_*.safetensors"))]
+    cfg = EngineConfig(ckpt_dir=str(golden_dir() / "ckpt"), device="cpu", dtype="float32", progress=False,
+                       ulysses_size=args.ulysses_size, cfg_size=args.cfg_size, dit_fsdp=args.dit_fsdp, loras=loras)
+    engine = make_engine(cfg)
+    guide = (1.0, 3.5) if args.cfg_size == 2 else (1.0, 1.0)
+    video = engine.i2v(golden_dir() / "input.png", "a cat", max_area=12288, frame_num=5, steps=4, shift=5.0,
+                       solver="euler", guide_scale=guide, seed=3)
+    save_file({"latent": video.latent.contiguous()}, str(out_dir / f"latent{rank}.safetensors"))
+    report = {"dit_forwards": video.metadata["dit_forwards"], "adapters": video.metadata.get("adapters", [])}
+    if args.dit_fsdp:
+        from wanengine.adapters.merge import AdapterMerger
+        from wanengine.quant.loading import load_expert
+
+        equal = []
+        for name, sharded in engine.experts.experts.items():
+            with AdapterMerger(engine.adapter_plans[name]) as merger:  # the single-process load
+                want = load_expert(golden_dir() / "ckpt" / name, device="cpu", dtype=torch.float32,
+                                   merger=merger).state_dict()
+            for key, param in sharded.named_parameters():
+                full = param.full_tensor() if hasattr(param, "full_tensor") else param
+                equal.append(bool(torch.equal(full, want[key])))
+        report["fsdp_params_equal_single_merge"] = all(equal) and len(equal) > 0
+    return report
+
+
 def case_fsdp8(args, rank: int, world: int) -> dict:
     """An fp8 expert (quantized at load) under FSDP: sharded vs. the same load unsharded, and the
     bytes each rank holds (int8 and the text encoder are covered by `e2e --quantize int8`)."""
@@ -365,7 +406,7 @@ def case_cache(args, rank: int, world: int) -> dict:
 
 
 CASES = {"attention": case_attention, "vae": case_vae, "fsdp": case_fsdp, "e2e": case_e2e, "device": case_device,
-         "fsdp8": case_fsdp8, "cache": case_cache}
+         "fsdp8": case_fsdp8, "cache": case_cache, "fewstep": case_fewstep}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -56,7 +56,7 @@ FLAG_CASES = {
     "frame num 80": ({"--frame-num": "80"}, ["--frame-num", "4n+1"]),
     "max area 10": ({"--max-area": "10"}, ["--max-area"]),
     "sample steps 0": ({"--sample-steps": "0"}, ["--sample-steps"]),
-    "unknown solver": ({"--sample-solver": "euler"}, ["--sample-solver", "euler"]),
+    "unknown solver": ({"--sample-solver": "heun"}, ["--sample-solver", "heun"]),
     "guidance not finite": ({"--guide-scale": "nan"}, ["--guide-scale"]),
     "ulysses without torchrun": ({"--ulysses-size": "2"}, ["torchrun"]),
     "ulysses not dividing heads": ({"--ulysses-size": "3"}, ["--ulysses-size", "heads"]),

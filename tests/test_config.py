@@ -56,7 +56,7 @@ def test_options_defaults_are_the_reference_ones():
 
 @pytest.mark.parametrize("field, value, flag", [
     ("frame_num", 80, "--frame-num"), ("frame_num", 0, "--frame-num"), ("steps", 0, "--sample-steps"),
-    ("shift", 0.0, "--sample-shift"), ("shift", float("inf"), "--sample-shift"), ("solver", "euler", "--sample-solver"),
+    ("shift", 0.0, "--sample-shift"), ("shift", float("inf"), "--sample-shift"), ("solver", "heun", "--sample-solver"),
     ("max_area", -5, "--max-area"), ("size", "12", "--size"), ("guide_scale", "inf", "--guide-scale"),
 ])
 def test_bad_options_name_their_argument_and_the_cli_its_flag(field, value, flag):

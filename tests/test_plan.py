@@ -203,7 +203,7 @@ def test_device_presets():
     (dict(cfg_size=3), "--cfg-size"),
     (dict(frame_num=80), "--frame-num"),
     (dict(steps=0), "--sample-steps"),
-    (dict(solver="euler"), "--sample-solver"),
+    (dict(solver="heun"), "--sample-solver"),
     (dict(dtype="int8"), "--dtype"),
     (dict(device="tpu"), "--hardware"),
     (dict(device="cpu", device_peak_tflops=-1.0), "--peak-tflops"),

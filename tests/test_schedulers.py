@@ -101,8 +101,8 @@ def test_factory_names_and_errors() -> None:
     assert isinstance(make_sampler("unipc", 4, 5.0), FlowUniPCSampler)
     assert isinstance(make_sampler("dpm++", 4, 5.0), FlowDPMPPSampler)
     assert isinstance(make_sampler("dpmpp", 4, 5.0), FlowDPMPPSampler)
-    with pytest.raises(ConfigError, match="euler"):
-        make_sampler("euler", 4, 5.0)
+    with pytest.raises(ConfigError, match="heun"):
+        make_sampler("heun", 4, 5.0)
     with pytest.raises(ConfigError, match="steps"):
         make_sampler("unipc", 0, 5.0)
     with pytest.raises(ConfigError, match="shift"):

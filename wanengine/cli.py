@@ -64,6 +64,7 @@ PARALLEL = "Parallel (torchrun)"
 OUTPUT = "Output"
 HARDWARE = "Hardware model"
 STEP_CACHE = "Step cache"
+FEWSTEP = "Few-step and LoRA"
 
 
 class _State:
@@ -183,7 +184,8 @@ def i2v(
     sample_steps: int = typer.Option(40, "--sample-steps", rich_help_panel=SAMPLING, help="Denoising steps."),
     sample_shift: float = typer.Option(5.0, "--sample-shift", rich_help_panel=SAMPLING,
                                        help="Flow shift (3.0 suits 480p)."),
-    sample_solver: str = typer.Option("unipc", "--sample-solver", rich_help_panel=SAMPLING, help="unipc or dpm++."),
+    sample_solver: str = typer.Option("unipc", "--sample-solver", rich_help_panel=SAMPLING,
+                                      help="unipc, dpm++ or euler."),
     guide_scale: str = typer.Option("3.5,3.5", "--guide-scale", rich_help_panel=SAMPLING,
                                     help="One value, or LOW,HIGH for the low-/high-noise experts."),
     seed: int = typer.Option(-1, "--seed", rich_help_panel=SAMPLING, help="Seed; negative draws one."),
@@ -237,24 +239,39 @@ def i2v(
                                                   help="At most this many consecutive skipped steps."),
     cache_table: Optional[Path] = typer.Option(None, "--cache-table", rich_help_panel=STEP_CACHE,
                                                help="Mag table JSON (from `wanengine calibrate-cache`)."),
+    preset: Optional[str] = typer.Option(None, "--preset", rich_help_panel=FEWSTEP,
+                                         help="distill-4step: euler, 4 steps, shift 5.0, guidance 1.0 "
+                                              "(explicit flags override)."),
+    denoising_steps: Optional[str] = typer.Option(None, "--denoising-steps", rich_help_panel=FEWSTEP, metavar="<t,t,...>",
+                                                  help="Euler timesteps, e.g. 1000,750,500,250."),
+    lora: Optional[List[str]] = typer.Option(None, "--lora", rich_help_panel=FEWSTEP, metavar="<path[:strength]>",
+                                             help="Adapter for both experts (repeatable; adapters add up)."),
+    lora_high: Optional[List[str]] = typer.Option(None, "--lora-high", rich_help_panel=FEWSTEP, metavar="<path[:strength]>",
+                                                  help="Adapter for the high-noise expert (repeatable)."),
+    lora_low: Optional[List[str]] = typer.Option(None, "--lora-low", rich_help_panel=FEWSTEP, metavar="<path[:strength]>",
+                                                 help="Adapter for the low-noise expert (repeatable)."),
+    context: typer.Context = None,  # which flags were given explicitly (they override --preset)
 ) -> None:
     """Generate a video from an image and a prompt."""
     import dataclasses
 
+    from .adapters.spec import lora_specs_from_flags
     from .clock import process_age
     from .config import EngineConfig, GenerationOptions
 
     startup = process_age()  # interpreter, imports and parsing: the first row of the stage table
     check_task(task)
+    sampling = _sampling_options(context, preset, denoising_steps, steps=sample_steps, shift=sample_shift,
+                                 solver=sample_solver, guide_scale=guide_scale)
     opts = GenerationOptions(prompt=prompt, negative_prompt=negative_prompt, size=size, max_area=max_area,
-                             frame_num=frame_num, steps=sample_steps, shift=sample_shift, solver=sample_solver,
-                             guide_scale=guide_scale, seed=seed)
+                             frame_num=frame_num, seed=seed, **sampling)
     sources = weight_sources(ckpt_dir, high_noise_model, low_noise_model, t5, vae, tokenizer, dit_config)
     cfg = EngineConfig(**sources, device=device, dtype=resolve_dtype(dtype, convert_model_dtype),
                        kernel_backend=kernel_backend, offload_model=offload_model, t5_cpu=t5_cpu,
                        vae_tile_rows=vae_tile_rows, ulysses_size=ulysses_size, cfg_size=cfg_size, dit_fsdp=dit_fsdp,
                        t5_fsdp=t5_fsdp, vae_parallel=vae_parallel, progress=_State.verbosity > 0,
-                       quantize=quantize, quantize_t5=quantize_t5)
+                       quantize=quantize, quantize_t5=quantize_t5,
+                       loras=tuple(lora_specs_from_flags(lora or (), lora_high or (), lora_low or ())))
     cfg = dataclasses.replace(cfg, step_cache=step_cache, cache_threshold=cache_threshold, cache_warmup=cache_warmup,
                               cache_max_skips=cache_max_skips, cache_table=str(cache_table) if cache_table else None)
     cfg.validate(), opts.validate()  # usage errors before torch is imported
@@ -278,6 +295,36 @@ def resolve_dtype(dtype: Optional[str], convert_model_dtype: bool) -> str:
         raise UserInputError(f"--convert_model_dtype converts the model to bfloat16, but --dtype is {dtype}; "
                              "give one of them")
     return dtype or "bfloat16"
+
+
+_SAMPLING_PARAMS = {"steps": "sample_steps", "shift": "sample_shift", "solver": "sample_solver",
+                    "guide_scale": "guide_scale"}
+
+
+def _sampling_options(context: Optional[typer.Context], preset: Optional[str], denoising_steps: Optional[str],
+                      names: Optional[dict] = None, **values) -> dict:
+    """steps / shift / solver / guide_scale (+ denoising_steps): each flag given on the command
+    line wins, then the preset's value, then the flag's default. `names`: option -> the
+    command's parameter name (default: the i2v command's)."""
+    from .config import parse_step_list
+    from .presets import resolve_with_preset
+
+    names = names or _SAMPLING_PARAMS
+
+    def given(key: str) -> bool:
+        source = context.get_parameter_source(names[key]) if context is not None else None
+        return source is None or source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+    explicit = {key: value for key, value in values.items() if given(key)}
+    resolved = resolve_with_preset(preset or "", explicit, values)
+    if denoising_steps is not None:
+        steps = parse_step_list(denoising_steps)
+        if "steps" in explicit and explicit["steps"] != len(steps):
+            raise UserInputError(f"--denoising-steps gives {len(steps)} steps but --sample-steps is {explicit['steps']}")
+        if "solver" not in explicit:
+            resolved["solver"] = "euler"  # a step list is the euler sampler's input
+        resolved.update(steps=len(steps), denoising_steps=steps)
+    return resolved
 
 
 # --------------------------------------------------------------------------- demo
@@ -326,11 +373,24 @@ def info(
     vae: Optional[Path] = vae_option(),
     tokenizer: Optional[Path] = tokenizer_option(),
     dit_config: Optional[Path] = dit_config_option(),
+    lora: Optional[List[Path]] = typer.Option(None, "--lora", rich_help_panel=FEWSTEP, metavar="<path>",
+                                              help="A LoRA file: target modules, rank, alpha, what is skipped "
+                                                   "(checked against the given checkpoint, else the released shapes)."),
 ) -> None:
     """What is in a checkpoint (component layouts, sizes, dtypes, configs) without loading weights."""
     from .io.inspect import describe_checkpoint, format_description
 
     sources = weight_sources(ckpt_dir, high_noise_model, low_noise_model, t5, vae, tokenizer, dit_config)
+    if lora:
+        from .adapters.inspect import describe_adapter, format_adapter
+        from .io.checkpoint import preflight_checkpoint
+
+        given = {k: v for k, v in sources.items() if k not in ("ckpt_dir", "dit_config")}
+        layout = (preflight_checkpoint(sources["ckpt_dir"], given, sources["dit_config"])
+                  if any(sources.values()) else None)
+        adapters = [describe_adapter(path, layout) for path in lora]
+        print(json.dumps(adapters, indent=1) if as_json else "\n\n".join(format_adapter(a) for a in adapters))
+        return
     description = describe_checkpoint(**sources)
     for note in description.get("notes", []):
         say(note, level=2)
@@ -374,7 +434,7 @@ def plan_command(
                                                  show_default="the size's", help="Input image height / width."),
     frame_num: int = typer.Option(81, "--frame-num", rich_help_panel=SAMPLING, help="Frames, 4n+1."),
     steps: int = typer.Option(40, "--sample-steps", rich_help_panel=SAMPLING, help="Denoising steps."),
-    solver: str = typer.Option("unipc", "--sample-solver", rich_help_panel=SAMPLING, help="unipc or dpm++."),
+    solver: str = typer.Option("unipc", "--sample-solver", rich_help_panel=SAMPLING, help="unipc, dpm++ or euler."),
     guidance: bool = typer.Option(True, "--cfg/--no-cfg", metavar="", rich_help_panel=SAMPLING,
                                   help="Guidance on: 2 forwards per step."),
     dtype: Optional[str] = typer.Option(None, "--dtype", rich_help_panel=PERFORMANCE, show_default="bfloat16",
@@ -421,6 +481,13 @@ def plan_command(
     quantize_t5: Optional[str] = quantize_t5_option("As for i2v (sets --t5-weights)."),
     step_cache: str = typer.Option("off", "--step-cache", rich_help_panel=STEP_CACHE,
                                    help="off, first-block or mag: adds the memory of its saved residuals."),
+    guide_scale: Optional[str] = typer.Option(None, "--guide-scale", rich_help_panel=FEWSTEP,
+                                              help="LOW,HIGH: a step whose expert has 1.0 runs one forward."),
+    sample_shift: float = typer.Option(5.0, "--sample-shift", rich_help_panel=FEWSTEP,
+                                       help="Flow shift (routes the steps to the experts with --guide-scale)."),
+    preset: Optional[str] = typer.Option(None, "--preset", rich_help_panel=FEWSTEP,
+                                         help="distill-4step: euler, 4 steps, shift 5.0, guidance off."),
+    context: typer.Context = None,  # which flags were given explicitly (they override --preset)
 ) -> None:
     """Estimate FLOP, memory per device and time for one video; needs no weights."""
     import dataclasses
@@ -428,6 +495,7 @@ def plan_command(
     from .plan import format_plan, make_plan
 
     check_task(task)
+    steps, solver, sample_shift, scales = _plan_sampling(context, preset, steps, solver, sample_shift, guide_scale)
     aspect = image_aspect if image_aspect is not None else (read_aspect(image) if image is not None else None)
     result = make_plan(size=size, max_area=max_area, image_aspect=aspect, frame_num=frame_num, steps=steps,
                        solver=solver, cfg=guidance, world_size=world_size, ulysses_size=ulysses_size, cfg_size=cfg_size,
@@ -435,8 +503,22 @@ def plan_command(
                        dtype=resolve_dtype(dtype, convert_model_dtype), vae_parallel=vae_parallel, device=hardware,
                        device_peak_tflops=peak_tflops, device_memory_gb=memory_gb, efficiency=efficiency,
                        link_gbps=link_gbps, placement=device, weights=weights or quantize,
-                       t5_weights=t5_weights or quantize_t5, step_cache=step_cache)
+                       t5_weights=t5_weights or quantize_t5, step_cache=step_cache,
+                       guide_scale=scales, shift=sample_shift)
     print(json.dumps(dataclasses.asdict(result), indent=2, default=str) if as_json else format_plan(result))
+
+
+def _plan_sampling(context, preset: Optional[str], steps: int, solver: str, shift: float,
+                   guide_scale: Optional[str]):
+    """(steps, solver, shift, (low, high) guide scales or None) for `plan`, with --preset."""
+    from .config import parse_guide_scale
+
+    if preset:
+        names = {"steps": "steps", "shift": "sample_shift", "solver": "solver", "guide_scale": "guide_scale"}
+        sampling = _sampling_options(context, preset, None, names, steps=steps, shift=shift, solver=solver,
+                                     guide_scale=guide_scale)
+        steps, solver, shift, guide_scale = (sampling[k] for k in ("steps", "solver", "shift", "guide_scale"))
+    return steps, solver, shift, parse_guide_scale(guide_scale) if guide_scale is not None else None
 
 
 def read_aspect(image: Path) -> Optional[float]:

@@ -10,12 +10,13 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Dict, Optional, Sequence, Tuple, Union
 
+from .adapters.spec import LoraSpec, validate_specs
 from .cache.options import validate_cache_options
 from .constants import constants, defaults
 from .errors import InvalidArgument
 
 DTYPES = ("float32", "bfloat16", "float16")
-SOLVERS = ("unipc", "dpm++")
+SOLVERS = ("unipc", "dpm++", "euler")
 KERNEL_BACKENDS = ("auto", "reference", "torch", "cuda", "npu")  # "cuda" and "torch": the torch-fused one
 QUANTIZE_FORMATS = ("int8", "fp8")  # 8-bit weight formats of --quantize / --quantize-t5
 VAE_STRIDE = (4, 8, 8)
@@ -52,6 +53,8 @@ class EngineConfig:
         step_cache, cache_threshold, cache_warmup, cache_max_skips, cache_table: the step cache
             (`wanengine.cache`): policy off / first-block / mag, its threshold, warm-up steps after
             each expert switch, consecutive-skip limit and the mag table file.
+        loras: LoRA / delta adapters merged into the experts once at load (`LoraSpec`: path,
+            strength, expert "high" | "low" | "both"); several on one expert add up.
     """
 
     ckpt_dir: Optional[str] = None
@@ -82,6 +85,7 @@ class EngineConfig:
     cache_warmup: int = 1
     cache_max_skips: Optional[int] = None
     cache_table: Optional[str] = None
+    loras: Sequence[LoraSpec] = ()
 
     def component_overrides(self) -> Dict[str, Optional[str]]:
         """The per-component sources, by component name (None: from `ckpt_dir`)."""
@@ -111,6 +115,7 @@ class EngineConfig:
             if getattr(self, name) is not None and getattr(self, name) not in QUANTIZE_FORMATS:
                 raise InvalidArgument(name, f"{getattr(self, name)!r} is not one of {', '.join(QUANTIZE_FORMATS)}")
         validate_cache_options(self)
+        validate_specs(self.loras)
         return self
 
     @property
@@ -156,6 +161,29 @@ def parse_guide_scale(value: Union[float, str, Sequence[float]]) -> Tuple[float,
     return numbers[0], numbers[1]
 
 
+def parse_step_list(value: Union[str, Sequence[float]]) -> Tuple[float, ...]:
+    """'1000,750,500,250' (or a sequence of numbers) -> (1000.0, 750.0, 500.0, 250.0)."""
+    parts = [p for p in re.split(r"[,\s]+", value.strip()) if p] if isinstance(value, str) else list(value)
+    try:
+        steps = tuple(float(p) for p in parts)
+    except (TypeError, ValueError):
+        raise InvalidArgument("denoising_steps", f"{value!r} is not a comma-separated list of timesteps") from None
+    if not steps:
+        raise InvalidArgument("denoising_steps", "the step list is empty")
+    return steps
+
+
+def check_step_list(steps: Sequence[float], train_steps: int = 1000) -> Tuple[float, ...]:
+    """An explicit Euler step list: finite, in (0, train_steps], strictly decreasing."""
+    values = parse_step_list(steps)
+    shown = ",".join(f"{t:g}" for t in values)
+    if not all(math.isfinite(t) and 0 < t <= train_steps for t in values):
+        raise InvalidArgument("denoising_steps", f"every step must lie in (0, {train_steps}], got {shown}")
+    if any(b >= a for a, b in zip(values, values[1:])):
+        raise InvalidArgument("denoising_steps", f"steps must be strictly decreasing, got {shown}")
+    return values
+
+
 @dataclass(frozen=True)
 class GenerationOptions:
     """What one image-to-video call asks for; defaults are the reference release's."""
@@ -170,6 +198,14 @@ class GenerationOptions:
     solver: str = field(default_factory=lambda: defaults()["solver"])
     guide_scale: Union[float, str, Tuple[float, float]] = (3.5, 3.5)
     seed: int = -1
+    # Euler only: the explicit timesteps (e.g. (1000, 750, 500, 250)); `steps` follows its length.
+    denoising_steps: Optional[Tuple[float, ...]] = None
+
+    def __post_init__(self) -> None:
+        if self.denoising_steps is not None:
+            steps = parse_step_list(self.denoising_steps)
+            object.__setattr__(self, "denoising_steps", steps)
+            object.__setattr__(self, "steps", len(steps))
 
     def validate(self) -> "GenerationOptions":
         if not isinstance(self.prompt, str):
@@ -186,7 +222,14 @@ class GenerationOptions:
         if not (math.isfinite(self.shift) and self.shift > 0):
             raise InvalidArgument("shift", f"must be a positive number, got {self.shift}")
         if self.solver not in SOLVERS:
-            raise InvalidArgument("solver", f"unknown solver {self.solver!r}; choose unipc or dpm++")
+            raise InvalidArgument("solver", f"unknown solver {self.solver!r}; choose unipc, dpm++ or euler")
+        if self.denoising_steps is not None:
+            if self.solver != "euler":
+                raise InvalidArgument("denoising_steps", "only the euler sampler takes an explicit step list, "
+                                      f"not {self.solver!r} (set the solver to euler)",
+                                      cli_detail="only the euler sampler takes an explicit step list, "
+                                                 f"not {self.solver!r} (add --sample-solver euler)")
+            check_step_list(self.denoising_steps)
         parse_guide_scale(self.guide_scale)
         return self
 

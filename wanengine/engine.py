@@ -27,8 +27,8 @@ from .io.checkpoint import EXPERTS, preflight_checkpoint
 from .io.image import ImageLike, image_to_tensor, open_image
 from .io.video import Video
 from .numerics import check_finite, hinted
-from .pipeline import (StepInfo, batched_cfg, conditioning_video, denoise, first_frame_mask, initial_noise,
-                       seq_len_for, sequential_cfg)
+from .pipeline import (HIGH, LOW, ForwardCount, StepInfo, batched_cfg, conditioning_video, denoise, first_frame_mask,
+                       guidance_off, initial_noise, needs_unconditional, seq_len_for, sequential_cfg)
 from .progress import ChunkProgress, StepProgress, vae_chunks
 from .schedulers import make_sampler
 from .stage_log import StageLog, human_bytes
@@ -58,6 +58,7 @@ class Engine:
         self.dtype = resolve_dtype(cfg.dtype)
         self.vae_dtype = resolve_dtype(cfg.vae_dtype)
         self.layout = preflight_checkpoint(cfg.ckpt_dir, cfg.component_overrides(), cfg.dit_config)
+        self.adapter_plans = self.plan_adapters()  # every adapter checked before any expert loads
         # This engine's own kernels, bound around its work (`kernels.using_own_kernels`): another
         # engine in the process, with another backend, cannot switch them.
         self.kernel_set = kernels.select(cfg.kernel_backend, self.device)
@@ -102,11 +103,17 @@ class Engine:
     def load_experts(self) -> Dict[str, nn.Module]:
         """Both experts, on the host with offload (the switcher moves one in at a time)."""
         from .quant.loading import load_expert  # load_dit, plus 8-bit experts and --quantize
+        from .adapters.merge import AdapterMerger
 
         home = torch.device("cpu") if self.offload else self.device
         quantize = self.quantize_dtype("quantize")
-        return {name: load_expert(self.layout.expert(name), device=home, dtype=self.dtype, quantize=quantize,
-                                  config_file=self.layout.dit_config) for name in EXPERTS}
+        experts = {}
+        for name in EXPERTS:  # adapters merge into each tensor as it streams in (float32, then stored dtype)
+            with AdapterMerger(self.adapter_plans.get(name, ())) as merger:
+                experts[name] = load_expert(self.layout.expert(name), device=home, dtype=self.dtype,
+                                            quantize=quantize, config_file=self.layout.dit_config,
+                                            merger=merger if merger else None)
+        return experts
 
     def quantize_dtype(self, option: str) -> Optional[torch.dtype]:
         """The 8-bit storage dtype `--quantize` / `--quantize-t5` asks for, or None."""
@@ -114,6 +121,15 @@ class Engine:
 
         name = getattr(self.cfg, option)
         return resolve_quant_dtype(name, f"--{option.replace('_', '-')}") if name else None
+
+    # ------------------------------------------------------------------ adapters
+    def plan_adapters(self):
+        """The configured LoRA adapters checked against both experts' tensor shapes (headers only)."""
+        from .adapters.plan import plan_checkpoint_adapters
+
+        plans = plan_checkpoint_adapters(self.cfg.loras, self.layout)
+        self.adapter_report = [p.summary() for name in EXPERTS for p in plans[name]]
+        return plans
 
     # ------------------------------------------------------------------ stages
     @kernels.using_own_kernels
@@ -157,12 +173,15 @@ class Engine:
         seed: int = -1,
         *,
         on_step: Optional[Callable[[StepInfo, torch.Tensor], None]] = None,
+        denoising_steps: Optional[Sequence[float]] = None,
     ) -> Video:
         """Generate a video from `image` and `prompt`; see `GenerationOptions` for the options.
 
         `image`: a path, encoded bytes, a PIL image, a numpy array or a torch tensor (see
         `wanengine.io.image_input`). `guide_scale` is one float or (low_noise, high_noise);
-        `seed < 0` draws one (reported as `video.seed`).
+        `seed < 0` draws one (reported as `video.seed`). `denoising_steps` (solver "euler")
+        lists the timesteps, e.g. (1000, 750, 500, 250). Step-distilled weights:
+        `**wanengine.presets.preset_values("distill-4step")`.
 
         `on_step(info, latent)`, if given, is called after every denoising step with a
         `StepInfo` (index, timestep, expert, num_steps) and the current latent
@@ -174,7 +193,7 @@ class Engine:
         argument, before any work is done."""
         opts = GenerationOptions(prompt=prompt, negative_prompt=negative_prompt, size=size, max_area=max_area,
                                  frame_num=frame_num, steps=steps, shift=shift, solver=solver,
-                                 guide_scale=guide_scale, seed=seed).validate()
+                                 guide_scale=guide_scale, seed=seed, denoising_steps=denoising_steps).validate()
         return self.generate(open_image(image), opts, on_step=on_step)
 
     @kernels.using_own_kernels
@@ -185,13 +204,20 @@ class Engine:
             self.step_cache.check_steps(opts.steps)
         frames, lat_h, lat_w = latent_grid(image.height, image.width, opts.resolved_max_area, opts.frame_num)
         seed = self.resolve_seed(opts.seed)
-        with timer.stage("text encode", "(prompt and negative prompt)"):
-            contexts = self.encode_text([opts.prompt, opts.resolved_negative_prompt])
+        sampler = make_sampler(opts.solver, opts.steps, opts.shift, device=self.device,
+                               step_list=opts.denoising_steps)
+        unconditional = needs_unconditional(sampler.timesteps.tolist(), opts.guidance)
+        self.check_guidance(unconditional)
+        if unconditional:
+            with timer.stage("text encode", "(prompt and negative prompt)"):
+                contexts = self.encode_text([opts.prompt, opts.resolved_negative_prompt])
+        else:  # guidance off on every step: the negative prompt is never used
+            with timer.stage("text encode", "(prompt; guidance off, no negative prompt)"):
+                contexts = (self.encode_text([opts.prompt])[0], None)
         encoding = ChunkProgress("VAE encode", frames, "chunks", self.stage_log)
         with timer.stage("VAE encode", f"({image.width}x{image.height} -> {8 * lat_w}x{8 * lat_h}, "
                                        f"{frames} latent frames)"), vae_chunks(self.vae, "encoder", encoding):
             y = self.encode_image(image_to_tensor(image), frames, lat_h, lat_w, opts.frame_num)
-        sampler = make_sampler(opts.solver, opts.steps, opts.shift, device=self.device)
         noise = initial_noise(seed, (16, frames, lat_h, lat_w), self.device)
         progress = StepProgress(len(sampler.timesteps), enabled=self.cfg.progress)
 
@@ -200,13 +226,17 @@ class Engine:
             if on_step is not None:
                 on_step(info, latent)
 
-        cache_run = self.step_cache.begin(len(sampler.timesteps)) if self.step_cache is not None else None
+        count = ForwardCount()
+        low_scale, high_scale = opts.guidance
+        cond_only = [name for name, scale in ((HIGH, high_scale), (LOW, low_scale)) if guidance_off(scale)]
+        cache_run = self.step_cache.begin(len(sampler.timesteps), cond_only) if self.step_cache is not None else None
         with timer.stage("denoise", announce=False), progress, hinted(self.cfg.dtype, "denoise"), \
                 (cache_run or contextlib.nullcontext()):
             get_expert = cache_run.track(self.experts.get) if cache_run is not None else self.experts.get
             latent = denoise(get_expert=get_expert, sampler=sampler, latent=noise, y=y, contexts=contexts,
                              seq_len=self.seq_len(noise.shape), guide_scale=opts.guidance,
-                             guidance=self.guidance(), on_step=step_done, prefetch=self.experts.prefetch)
+                             guidance=self.guidance(), on_step=step_done, prefetch=self.experts.prefetch,
+                             count=count)
         decoding = ChunkProgress("VAE decode", frames, "latent frames", self.stage_log)
         with timer.stage("VAE decode", f"({frames} latent frames -> {opts.frame_num} frames)"), \
                 vae_chunks(self.vae, "decoder", decoding):
@@ -215,6 +245,9 @@ class Engine:
         metadata = self.metadata(opts, seed, timer)
         if cache_run is not None:
             metadata["cache"] = cache_run.report()
+        metadata["dit_forwards"] = self.video_forwards(count.forwards)
+        if self.adapter_report:
+            metadata["adapters"] = self.adapter_report
         return Video(tensor=video.cpu(), latent=latent.float().cpu(), fps=16, seed=seed, metadata=metadata)
 
     # ------------------------------------------------------------------ hooks for parallel runs
@@ -227,6 +260,13 @@ class Engine:
     def cache_layout(self) -> CacheLayout:
         """Where this process sits for the step cache's decisions (one process: alone)."""
         return CacheLayout()
+
+    def check_guidance(self, unconditional: bool) -> None:
+        """Hook: a layout may refuse a run whose steps never need the unconditional branch."""
+
+    def video_forwards(self, local_forwards: int) -> int:
+        """DiT forwards of the whole video from this process's count (one process: the same)."""
+        return local_forwards
 
     def resolve_seed(self, seed: int) -> int:
         """The seed to use: `seed` itself, or a random one when it is negative."""

@@ -101,7 +101,8 @@ def estimate_peak_bytes(cfg, opts, frame_size, sizes: Dict[str, dict], device) -
                      offload=offload and not on_cpu,  # on the CPU an "offloaded" expert is still in host memory
                      cfg_batch=cfg.cfg_batch, dtype=cfg.dtype, vae_parallel=cfg.vae_parallel,
                      max_area=width * height, image_aspect=height / width, placement=device.type, model_sizes=sizes,
-                     weights=cfg.quantize, t5_weights=cfg.quantize_t5, step_cache=cfg.step_cache)
+                     weights=cfg.quantize, t5_weights=cfg.quantize_t5, step_cache=cfg.step_cache,
+                     guide_scale=opts.guidance, shift=opts.shift)
     peak = plan.memory.peak
     if on_cpu and cfg.distributed:
         peak *= int(os.environ.get("LOCAL_WORLD_SIZE", cfg.world_size))

@@ -4,12 +4,17 @@ It knows nothing about loading or devices beyond the tensors it is handed: the e
 passes an expert provider (which may swap experts between host and device), a guidance
 strategy (batched CFG, sequential CFG, or the CFG-parallel one from `wanengine.parallel`)
 and a sampler.
+
+Guidance off: a step whose expert's guide scale is exactly 1.0 runs the conditional branch
+only (`uncond + 1 * (cond - uncond) = cond`), one DiT forward instead of two; when no step
+needs the unconditional branch the negative prompt is not encoded at all
+(`needs_unconditional`). The loop counts the DiT forwards it ran (`ForwardCount`).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Protocol, Sequence, Tuple
+from typing import Callable, List, Optional, Protocol, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +31,10 @@ def boundary_timestep() -> float:
     return d["boundary"] * d["num_train_timesteps"]
 
 
-def expert_for(t: int) -> str:
+Timestep = Union[int, float]  # int for UniPC / DPM++, float for flow Euler (never truncated)
+
+
+def expert_for(t: Timestep) -> str:
     return HIGH if t >= boundary_timestep() else LOW
 
 
@@ -72,24 +80,53 @@ class Guidance(Protocol):
                  y: torch.Tensor, seq_len: int, scale: float) -> torch.Tensor: ...
 
 
-def _timestep(t: int, batch: int, device: torch.device) -> torch.Tensor:
+def _timestep(t: Timestep, batch: int, device: torch.device) -> torch.Tensor:
     """Timesteps stay on the host: the expert's sinusoidal embedding is computed there in
-    float64, so a device tensor would only cost a device->host sync every forward."""
+    float64, so a device tensor would only cost a device->host sync every forward. An integer
+    timestep is exact in float32; Euler's float timesteps are float32 values already."""
     return torch.full((batch,), t, dtype=torch.float32)
 
 
-def batched_cfg(expert: Expert, latent: torch.Tensor, t: int, contexts: Tuple[torch.Tensor, torch.Tensor],
+GUIDANCE_OFF = 1.0  # uncond + 1.0 * (cond - uncond) = cond: one forward
+
+
+def guidance_off(scale: float) -> bool:
+    """True when the guide scale makes the unconditional branch irrelevant (exactly 1.0)."""
+    return scale == GUIDANCE_OFF
+
+
+def step_scales(timesteps: Sequence[Timestep], guide_scale: Tuple[float, float]) -> List[float]:
+    """The guide scale of every step: (low_noise, high_noise) by the expert of each timestep."""
+    return [guide_scale[1] if expert_for(t) == HIGH else guide_scale[0] for t in timesteps]
+
+
+def needs_unconditional(timesteps: Sequence[Timestep], guide_scale: Tuple[float, float]) -> bool:
+    """Whether any step runs the unconditional branch (else the negative prompt is not encoded)."""
+    return not all(guidance_off(s) for s in step_scales(timesteps, guide_scale))
+
+
+def conditional_only(expert: Expert, latent: torch.Tensor, t: Timestep, contexts: Sequence[Optional[torch.Tensor]],
+                     y: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """The conditional prediction alone: the guided flow at scale 1.0, one forward."""
+    return expert(latent[None], _timestep(t, 1, latent.device), [contexts[0]], y[None], seq_len)[0]
+
+
+def batched_cfg(expert: Expert, latent: torch.Tensor, t: Timestep, contexts: Tuple[torch.Tensor, torch.Tensor],
                 y: torch.Tensor, seq_len: int, scale: float) -> torch.Tensor:
     """Both branches as one batch of 2: the expert's weights are read once per step."""
+    if guidance_off(scale):
+        return conditional_only(expert, latent, t, contexts, y, seq_len)
     out = expert(torch.stack([latent, latent]), _timestep(t, 2, latent.device), list(contexts),
                  torch.stack([y, y]), seq_len)
     cond, uncond = out[0], out[1]
     return uncond + scale * (cond - uncond)
 
 
-def sequential_cfg(expert: Expert, latent: torch.Tensor, t: int, contexts: Tuple[torch.Tensor, torch.Tensor],
+def sequential_cfg(expert: Expert, latent: torch.Tensor, t: Timestep, contexts: Tuple[torch.Tensor, torch.Tensor],
                    y: torch.Tensor, seq_len: int, scale: float) -> torch.Tensor:
     """The two branches one after the other (half the activation memory of `batched_cfg`)."""
+    if guidance_off(scale):
+        return conditional_only(expert, latent, t, contexts, y, seq_len)
     timestep = _timestep(t, 1, latent.device)
     cond = expert(latent[None], timestep, [contexts[0]], y[None], seq_len)[0]
     uncond = expert(latent[None], timestep, [contexts[1]], y[None], seq_len)[0]
@@ -99,7 +136,7 @@ def sequential_cfg(expert: Expert, latent: torch.Tensor, t: int, contexts: Tuple
 PREFETCH_STEPS = 2  # an expert switch is announced this many steps ahead
 
 
-def next_expert_within(timesteps: Sequence[int], index: int, steps: int) -> Optional[str]:
+def next_expert_within(timesteps: Sequence[Timestep], index: int, steps: int) -> Optional[str]:
     """The expert that takes over within the `steps` steps after step `index`, if it is not
     the one step `index` uses; else None."""
     current = expert_for(timesteps[index])
@@ -118,9 +155,24 @@ class StepInfo:
     the whole run (so `index + 1` of `num_steps` are done)."""
 
     index: int
-    timestep: int
+    timestep: Timestep
     expert: str
     num_steps: int = 0
+
+
+@dataclass
+class ForwardCount:
+    """DiT forwards the loop ran on this process: one per latent row an expert evaluated (a
+    batched-CFG call counts 2), so a 40-step guided video costs 80 and a 4-step unguided one 4."""
+
+    forwards: int = 0
+
+    def counted(self, expert: Expert) -> Expert:
+        def run(x: torch.Tensor, t: torch.Tensor, context, y: torch.Tensor, seq_len: int) -> torch.Tensor:
+            self.forwards += x.shape[0] if x.dim() == 5 else 1
+            return expert(x, t, context, y, seq_len)
+
+        return run
 
 
 def denoise(
@@ -136,6 +188,7 @@ def denoise(
     on_step: Optional[Callable[[StepInfo, torch.Tensor], None]] = None,
     prefetch: Optional[Callable[[str], object]] = None,
     prefetch_steps: int = PREFETCH_STEPS,
+    count: Optional[ForwardCount] = None,
 ) -> torch.Tensor:
     """Run the sampler from `latent` (noise) to the final latent.
 
@@ -148,8 +201,11 @@ def denoise(
     in place and has run at least one step (so the device's activation peak is known), and
     before the step's work is queued: an expert provider can start moving `name` in while the
     current expert still computes.
+
+    `count`, when given, is incremented by every DiT forward the guidance runs.
     """
-    timesteps: List[int] = [int(t) for t in sampler.timesteps.tolist()]
+    # Python ints for UniPC / DPM++ (int64 timesteps), floats for Euler: no truncation here.
+    timesteps: List[Timestep] = sampler.timesteps.tolist()
     nonfinite = torch.zeros(len(timesteps), dtype=torch.bool, device=latent.device)
     immediate = latent.device.type == "cpu"
     previous = None
@@ -161,6 +217,8 @@ def denoise(
             prefetch(upcoming)
         previous = name
         scale = guide_scale[1] if name == HIGH else guide_scale[0]
+        if count is not None:
+            expert = count.counted(expert)
         with torch.no_grad():
             flow = guidance(expert, latent, t, contexts, y, seq_len, scale)
             latent = sampler.step(flow, t, latent)

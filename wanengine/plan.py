@@ -106,9 +106,11 @@ class Flops:
     forwards_per_device_step: int
     per_device_step: float
     per_device_video: float
-    t5: float                          # both prompts
+    t5: float                          # both prompts (the prompt alone with guidance off)
     vae_encode: float
     vae_decode: float
+    dit_forwards: int = 0              # DiT forwards of the video (guidance off on a step: 1, else 2)
+    dit_forwards_per_device: int = 0   # ... of them on one device (CFG parallel splits the branches)
 
 
 @dataclass(frozen=True)
@@ -185,7 +187,8 @@ def make_plan(size: Optional[str] = "1280*720", frame_num: int = 81, steps: int 
               link_gbps: Optional[float] = None, max_area: Optional[int] = None,
               image_aspect: Optional[float] = None, placement: Optional[str] = None,
               weights: Optional[str] = None, t5_weights: Optional[str] = None,
-              model_sizes: Optional[Dict[str, dict]] = None, step_cache: str = "off") -> Plan:
+              model_sizes: Optional[Dict[str, dict]] = None, step_cache: str = "off",
+              guide_scale: Optional[Tuple[float, float]] = None, shift: float = 5.0) -> Plan:
     """Cost of one video. `cfg`: guidance on (cond + uncond forwards each step). `world_size`
     None means cfg_size * ulysses_size. `offload` None means what the engine does: on for
     accelerators (off with `dit_fsdp`, whose shards stay on the devices), off on the CPU.
@@ -193,7 +196,10 @@ def make_plan(size: Optional[str] = "1280*720", frame_num: int = 81, steps: int 
     an i2v `--device` value (see `placement_kind`). `image_aspect` is the input image's
     height / width (default: the size's own). `weights` / `t5_weights`: "int8" or "fp8" for
     8-bit block linears in the experts / the text encoder (`quant.sizes`); None keeps them at
-    `dtype`. Invalid combinations raise ConfigError; wasteful ones become `Plan.warnings`.
+    `dtype`. `guide_scale` (low_noise, high_noise), when given, decides guidance per step
+    instead of `cfg`: a step whose expert's scale is 1.0 runs one forward (the sampler's
+    timesteps at `shift` route the steps to the experts), e.g. 4 forwards for `--preset
+    distill-4step`. Invalid combinations raise ConfigError; wasteful ones become `Plan.warnings`.
     `model_sizes` ({"dit"|"t5"|"vae": sizes}) replaces the release's sizes from constants.json
     (the CLI's memory preflight passes the checkpoint's)."""
     consts = constants()
@@ -230,21 +236,27 @@ def make_plan(size: Optional[str] = "1280*720", frame_num: int = 81, steps: int 
     # ---- FLOP
     D, ffn, layers, L = dit["dim"], dit["ffn_dim"], dit["num_layers"], geometry.tokens
     linear, attention = block_flops(L, L, D, ffn)
-    forwards = 2 if cfg else 1
+    branches = _step_branches(solver, steps, shift, guide_scale, cfg)
+    cfg = max(branches) == 2
+    forwards = max(branches)
+    video_forwards = sum(branches)
+    device_forwards = sum(math.ceil(b / cfg_size) for b in branches)
     per_forward = layers * (linear + attention)
     # Ulysses: each rank runs the linear layers on seq_len / sp tokens and attention for N / sp
     # heads over all seq_len queries and the L real keys. CFG parallel: each group one branch.
     rank_linear, rank_attention = block_flops(geometry.seq_len, L, D, ffn)
     rank_forward = layers * (rank_linear + rank_attention) / ulysses_size
-    rank_forwards = math.ceil(forwards / cfg_size)
+    # per device and step; an average where guidance is off on one expert only
+    rank_forwards = device_forwards // steps if device_forwards % steps == 0 else device_forwards / steps
     _, lat_f, lat_h, lat_w = geometry.latent
     vae_args = (vae["dim"], vae["z_dim"], list(vae["dim_mult"]), vae["num_res_blocks"],
                 list(vae["temporal_downsample"]))
     encoder = vae_encoder_tally(*vae_args, frame_num, geometry.height, geometry.width)
     decoder = vae_decoder_tally(*vae_args, lat_f, lat_h, lat_w)
-    flops = Flops(linear, attention, per_forward, forwards, forwards * per_forward, steps * forwards * per_forward,
-                  rank_forward, rank_forwards, rank_forwards * rank_forward, steps * rank_forwards * rank_forward,
-                  _t5_flops(t5, t5_params), encoder.flops, decoder.flops)
+    flops = Flops(linear, attention, per_forward, forwards, forwards * per_forward, video_forwards * per_forward,
+                  rank_forward, rank_forwards, rank_forwards * rank_forward, device_forwards * rank_forward,
+                  _t5_flops(t5, t5_params, prompts=2 if cfg else 1), encoder.flops, decoder.flops,
+                  video_forwards, device_forwards)
 
     # ---- memory
     layout = dict(dtype=dtype, world=world, ulysses=ulysses_size, cfg=cfg, cfg_size=cfg_size, dit_fsdp=dit_fsdp,
@@ -366,12 +378,24 @@ def forward_flops(tokens: int) -> float:
     return dit["num_layers"] * sum(block_flops(tokens, tokens, dit["dim"], dit["ffn_dim"]))
 
 
-def _t5_flops(t5: dict, params: int) -> float:
-    """Two prompts (positive + negative) of 512 tokens: 2 FLOP per non-embedding weight per token
-    plus the attention scores/values."""
+def _t5_flops(t5: dict, params: int, prompts: int = 2) -> float:
+    """`prompts` prompts (positive + negative; the positive alone with guidance off) of 512
+    tokens: 2 FLOP per non-embedding weight per token plus the attention scores/values."""
     tokens, non_embedding = constants()["defaults"]["text_len"], params - t5["vocab_size"] * t5["dim"]
     per_prompt = 2.0 * non_embedding * tokens + t5["num_layers"] * 4.0 * tokens * tokens * t5["dim_attn"]
-    return 2 * per_prompt
+    return prompts * per_prompt
+
+
+def _step_branches(solver: str, steps: int, shift: float, guide_scale: Optional[Tuple[float, float]],
+                   cfg: bool) -> List[int]:
+    """Guidance branches (DiT forwards) of every step: 2 where guidance is on, 1 where off."""
+    if guide_scale is None:
+        return [2 if cfg else 1] * steps
+    from .pipeline import guidance_off, step_scales
+    from .schedulers import make_sampler
+
+    timesteps = make_sampler(solver, steps, shift).timesteps.tolist()
+    return [1 if guidance_off(scale) else 2 for scale in step_scales(timesteps, guide_scale)]
 
 
 def _memory(*, offload: bool, capacity: Optional[float], dtype: str, world: int, ulysses: int, cfg: bool,
@@ -487,7 +511,8 @@ def _warnings(plan: Plan, requested: Optional[Tuple[int, int]], preset: Optional
         out.append(f"seq_len is padded by {pad} tokens to a multiple of --ulysses-size {ulysses} "
                    f"({100.0 * pad / geometry.tokens:.2f}% extra work)")
     if plan.cfg_size == 2 and not plan.cfg:
-        out.append("--cfg-size 2 with guidance off: there is one branch per step, so half the devices idle")
+        out.append("--cfg-size 2 with guidance off: there is one branch per step, so half the devices idle "
+                   "(wanengine i2v refuses it: nothing to split, use --ulysses-size)")
     if memory.capacity is not None:
         if memory.peak > memory.capacity:
             out.append(f"peak memory {memory.peak / GB:.1f} GB ({memory.peak_phase}) exceeds the device's "

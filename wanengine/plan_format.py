@@ -25,8 +25,10 @@ def format_plan(plan: Plan) -> str:
     row = lambda label, *cols: lines.append(f"  {label:<32}" + "".join(f"{c:>14}" for c in cols).rstrip())  # noqa: E731
     parallel = [name for name, on in (("DiT FSDP", plan.dit_fsdp), ("T5 FSDP", plan.t5_fsdp),
                                       ("T5 on CPU", plan.t5_cpu), ("VAE parallel", plan.vae_parallel)) if on]
+    mixed = f.dit_forwards not in (0, plan.steps * f.forwards_per_step)
+    guidance = "on for one expert only" if mixed else ("on" if plan.cfg else "off")
     lines.append(f"wanengine plan: {g.width}x{g.height}, {plan.frame_num} frames, {plan.steps} steps "
-                 f"({plan.solver}), guidance {'on' if plan.cfg else 'off'}")
+                 f"({plan.solver}), guidance {guidance}")
     lines.append(f"layout: {plan.world_size} device(s) = cfg {plan.cfg_size} x ulysses {plan.ulysses_size}"
                  f"{'; ' + ', '.join(parallel) if parallel else ''}; offload {'on' if plan.offload else 'off'}; "
                  f"{plan.dtype}; weights on {'the CPU' if plan.placement == 'cpu' else 'the accelerator'}")
@@ -55,8 +57,9 @@ def format_plan(plan: Plan) -> str:
     row("one forward", _si(f.per_forward), _si(f.per_device_forward))
     row(f"one step ({f.forwards_per_step} forwards)", _si(f.per_step), _si(f.per_device_step))
     if f.forwards_per_device_step != f.forwards_per_step:
-        row("", "", f"({f.forwards_per_device_step} forward)")
-    row(f"video ({plan.steps} steps)", _si(f.per_video), _si(f.per_device_video))
+        row("", "", f"({f.forwards_per_device_step:g} forward{'' if f.forwards_per_device_step == 1 else 's'}"
+                    f"{' on average' if f.forwards_per_device_step != int(f.forwards_per_device_step) else ''})")
+    row(f"video ({plan.steps} steps, {f.dit_forwards} forwards)", _si(f.per_video), _si(f.per_device_video))
     row("T5 / VAE encode / VAE decode", f"{_si(f.t5)} / {_si(f.vae_encode)} / {_si(f.vae_decode)}")
     lines.append("Memory per device (GB)" + " " * 12 + "".join(f"{p:>14}" for p in PHASES))
     for label, *values in m.rows:

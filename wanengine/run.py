@@ -55,6 +55,21 @@ def check_parallel_layout(cfg: EngineConfig, num_heads: int) -> None:
                           f"but torchrun started {world}; they must be equal")
 
 
+def check_fewstep_run(cfg: EngineConfig, opts: GenerationOptions, layout) -> None:
+    """Before any weight: every adapter against the experts' shapes (headers only), and
+    `--cfg-size 2` refused when no step runs the unconditional branch."""
+    from .adapters.plan import plan_checkpoint_adapters
+    from .pipeline import needs_unconditional
+    from .schedulers import make_sampler
+
+    plan_checkpoint_adapters(cfg.loras, layout)
+    timesteps = make_sampler(opts.solver, opts.steps, opts.shift, step_list=opts.denoising_steps).timesteps
+    if cfg.cfg_size == 2 and not needs_unconditional(timesteps.tolist(), opts.guidance):
+        from .parallel.engine import NOTHING_TO_SPLIT
+
+        raise ConfigError(NOTHING_TO_SPLIT)
+
+
 def default_output_name(opts: GenerationOptions, frame_size: tuple) -> Path:
     slug = re.sub(r"[^A-Za-z0-9]+", "_", opts.prompt).strip("_")[:40] or "video"
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -82,6 +97,7 @@ def preflight_run(cfg: EngineConfig, opts: GenerationOptions, image_path, out: O
         expert_config = layout.dit_configs[EXPERTS[0]]
         check_parallel_layout(cfg, expert_config.num_heads)
         check_cache_table(cfg, opts.steps)
+        check_fewstep_run(cfg, opts, layout)
     with timer.stage("read image", f"({image_path})"):
         image = open_image(image_path)
     with timer.stage("check inputs", announce=False):
@@ -129,6 +145,8 @@ def run_i2v(plan: RunPlan, say: Callable[..., None] = lambda message, level=1: p
     engine = make_engine(plan.cfg) if plan.cfg.distributed else Engine(plan.cfg)
     say(f"engine: device {engine.device}, dtype {plan.cfg.dtype}, kernels {engine.kernel_backend}, "
         f"offload {'on' if engine.offload else 'off'}, loaded in {engine.load_timer.total:.1f} s", level=2)
+    for line in getattr(engine, "adapter_report", ()):
+        say(line)
     for name, seconds in engine.load_timer.seconds.items():
         timer.add(name, seconds)
     video = engine.generate(plan.image, plan.opts)

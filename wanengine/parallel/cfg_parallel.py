@@ -5,6 +5,12 @@ unconditional one, from the same latent and `y`; each CFG pair `{u, U + u}` then
 the two predictions and every rank forms `uncond + g * (cond - uncond)` with the same
 operands in the same order, so all ranks step the sampler identically (bit for bit) and
 never need to re-synchronise the latent.
+
+A step whose guide scale is 1.0 (guidance off for that expert, e.g. `--guide-scale 1.0,3.5`)
+needs the conditional branch only: branch 0 computes it and the pair exchanges it the same
+way (branch 1 sends an empty-valued placeholder and does no DiT work), so both branches
+still step the sampler with bit-identical operands. With guidance off on every step the
+engine refuses `--cfg-size 2` up front (nothing to split).
 """
 from __future__ import annotations
 
@@ -13,7 +19,7 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from ..pipeline import Expert, Guidance
+from ..pipeline import Expert, Guidance, Timestep, guidance_off
 
 
 def make_cfg_parallel_guidance(cfg_rank: int, group: Optional[dist.ProcessGroup]) -> Guidance:
@@ -22,13 +28,17 @@ def make_cfg_parallel_guidance(cfg_rank: int, group: Optional[dist.ProcessGroup]
     if cfg_rank not in (0, 1):
         raise ValueError(f"cfg_rank must be 0 (conditional) or 1 (unconditional), got {cfg_rank}")
 
-    def cfg_parallel(expert: Expert, latent: torch.Tensor, t: int, contexts: Sequence[torch.Tensor],
+    def cfg_parallel(expert: Expert, latent: torch.Tensor, t: Timestep, contexts: Sequence[torch.Tensor],
                      y: torch.Tensor, seq_len: int, scale: float) -> torch.Tensor:
         timestep = torch.full((1,), t, dtype=torch.float32)  # host-side, as in `pipeline` (no sync)
-        mine = expert(latent[None], timestep, [contexts[cfg_rank]], y[None], seq_len)[0].contiguous()
+        off = guidance_off(scale)
+        if off and cfg_rank == 1:  # the conditional branch alone: branch 0's work
+            mine = torch.zeros_like(latent, dtype=torch.float32)
+        else:
+            mine = expert(latent[None], timestep, [contexts[cfg_rank]], y[None], seq_len)[0].contiguous()
         both = [torch.empty_like(mine) for _ in range(2)]
         dist.all_gather(both, mine, group=group)
         cond, uncond = both
-        return uncond + scale * (cond - uncond)
+        return cond if off else uncond + scale * (cond - uncond)
 
     return cfg_parallel

@@ -31,9 +31,13 @@ from ..errors import ConfigError
 from ..io.checkpoint import EXPERTS
 from .cfg_parallel import make_cfg_parallel_guidance
 from .fsdp import load_dit_sharded, load_t5_sharded, reshard, world_mesh
-from .groups import ParallelState, broadcast_int, init_parallel, shutdown
+from .groups import ParallelState, all_reduce_int, broadcast_int, init_parallel, shutdown
 from .ulysses import apply_ulysses
 from .vae_split import apply_vae_split
+
+
+NOTHING_TO_SPLIT = ("--cfg-size 2: guidance is off on every step (guide scale 1.0), so there is one branch "
+                    "per step and nothing to split: use --ulysses-size instead")
 
 
 class ParallelEngine(Engine):
@@ -80,10 +84,17 @@ class ParallelEngine(Engine):
     def load_experts(self) -> Dict[str, nn.Module]:
         if not self.cfg.dit_fsdp:
             return {name: self._ulysses(expert) for name, expert in super().load_experts().items()}
-        return {name: load_dit_sharded(self.layout.expert(name), device=self.device, dtype=self.dtype,
-                                       mesh=self._mesh, prepare=self._ulysses,
-                                       config_file=self.layout.dit_config, quantize=self.quantize_dtype("quantize"))
-                for name in EXPERTS}
+        from ..adapters.merge import AdapterMerger
+
+        experts = {}
+        for name in EXPERTS:  # adapters merge into each full tensor as it streams in, before the rows are kept
+            with AdapterMerger(self.adapter_plans.get(name, ())) as merger:
+                experts[name] = load_dit_sharded(self.layout.expert(name), device=self.device, dtype=self.dtype,
+                                                 mesh=self._mesh, prepare=self._ulysses,
+                                                 config_file=self.layout.dit_config,
+                                                 quantize=self.quantize_dtype("quantize"),
+                                                 merger=merger if merger else None)
+        return experts
 
     # ------------------------------------------------------------------ stages
     def encode_text(self, prompts):
@@ -107,6 +118,17 @@ class ParallelEngine(Engine):
     def cache_layout(self) -> CacheLayout:
         # Step-cache decisions are agreed over every rank (Ulysses chunks and CFG groups).
         return CacheLayout.from_parallel(self.parallel)
+
+    def check_guidance(self, unconditional: bool) -> None:
+        if self.parallel.cfg_size == 2 and not unconditional:
+            raise ConfigError(NOTHING_TO_SPLIT)
+
+    def video_forwards(self, local_forwards: int) -> int:
+        # With CFG parallel each branch's ranks count their own branch: the video's total is the
+        # pair's sum (Ulysses ranks of a branch share each forward, so one rank per branch counts).
+        if self.parallel.cfg_size != 2:
+            return local_forwards
+        return all_reduce_int(local_forwards, group=self.parallel.cfg_group)
 
     def resolve_seed(self, seed: int) -> int:
         # Every rank must use rank 0's seed (the CLI draws one per process when none is given).

@@ -161,6 +161,15 @@ def broadcast_int(value: int, src: int = 0, group: Optional[dist.ProcessGroup] =
     return int(box.item())
 
 
+def all_reduce_int(value: int, group: Optional[dist.ProcessGroup] = None) -> int:
+    """The sum of every rank's integer in `group` (e.g. the DiT forwards each CFG branch ran)."""
+    if not dist.is_initialized():
+        return int(value)
+    box = torch.tensor([int(value)], dtype=torch.int64, device=comm_device(group))
+    dist.all_reduce(box, group=group)
+    return int(box.item())
+
+
 def shutdown() -> None:
     """Leave the process group (call once at the end of a run)."""
     if dist.is_initialized():

@@ -114,7 +114,8 @@ class StepCursor:
     """
 
     def __init__(self, timesteps: torch.Tensor) -> None:
-        self._expected: List[int] = [int(t) for t in timesteps.cpu().tolist()]
+        # Python ints for the integer samplers, floats for Euler's float timesteps.
+        self._expected: List[Union[int, float]] = timesteps.cpu().tolist()
         self.index = 0
 
     def reset(self) -> None:
