@@ -98,7 +98,7 @@ def test_global_options_after_the_command(captured):
     (["--use_prompt_extend"], ["--use_prompt_extend", "not supported by this engine"]),
     (["--src_root_path", "x"], ["--src_root_path", "animate"]),
     (["--task", "t2v-A14B"], ["--task t2v-A14B", "not supported by this engine"]),
-    (["--no-such-flag"], ["No such option: --no-such-flag", "wanengine i2v --help"]),
+    (["--no-such-flag"], ["no such option: --no-such-flag", "wanengine i2v --help"]),
 ])
 def test_other_tasks_flags_are_one_line(captured, capsys, argv, words):
     assert _main(["i2v", "--ckpt-dir", "c", "--image", "i", "--prompt", "p", *argv]) == 2

@@ -133,6 +133,6 @@ def test_quiet_after_the_command_prints_nothing(golden, tmp_path, capsys):
     assert (info.value.code or 0) == 0 and (tmp_path / "o.mp4").is_file()
     captured = capsys.readouterr()
     assert captured.out == ""
-    # No progress line, bar or table; at most the one line that records the seed.
+    # No progress line, bar or table: only the one line that records the output and the seed.
     lines = [line for line in captured.err.splitlines() if line.strip()]
-    assert len(lines) <= 1 and all(line.startswith("i2v: ") for line in lines), lines
+    assert len(lines) == 1 and lines[0].startswith("wrote ") and "seed " in lines[0], lines

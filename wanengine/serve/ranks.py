@@ -100,6 +100,9 @@ def follow(engine, channel: RankChannel) -> None:
     failure ends that job only (rank 0 sees the same failure at the same step)."""
     # torchrun forwards SIGTERM (a terminal's Ctrl-C reaches every rank too): these ranks follow
     # rank 0's stop decision instead, so no collective is left half-paired
+    from .. import interrupts
+
+    interrupts.uninstall()  # not the CLI's watchdog either: rank 0 decides when this rank stops
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: None)
     while True:

@@ -155,6 +155,12 @@ def run_http(engine, settings: ServiceSettings, host: str, port: int, channel) -
     app = create_app(service, shutdown_reason=lambda: signals[0] if signals else "shutdown")
     server = Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                                    lifespan="on", timeout_graceful_shutdown=5))
+    # The service handles its own signals from here on: the CLI's one-signal path (its handlers,
+    # wakeup fd and watchdog, which would count uvicorn's re-raised signal as a second one and
+    # exit mid-shutdown) steps aside.
+    from .. import interrupts
+
+    interrupts.uninstall()
     # uvicorn re-raises the signal it caught once it has shut down; these handlers absorb it
     # so the process ends normally (exit 0) after the records are saved.
     previous = {sig: signal.signal(sig, lambda signum, frame: None) for sig in (signal.SIGINT, signal.SIGTERM)}
