@@ -3,7 +3,6 @@ flag, no traceback, and no output file -- all before any weight is read."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Callable, Dict, List, Optional
 
 import pytest
 
-from helpers import REPO_ROOT
+from helpers import REPO_ROOT, assert_one_line_usage_error, run_cli
 
 SHARD = "high_noise_model/diffusion_pytorch_model-00002-of-00007.safetensors"
 INDEX = "high_noise_model/diffusion_pytorch_model.safetensors.index.json"
@@ -67,18 +66,11 @@ FLAG_CASES = {
 
 
 def _run_cli(args: List[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    return subprocess.run([sys.executable, str(REPO_ROOT / "cli.py"), "i2v", *args], capture_output=True,
-                          text=True, timeout=120, cwd=cwd, env=env)
+    return run_cli(["i2v", *args], cwd)
 
 
 def _assert_clean_failure(result: subprocess.CompletedProcess, words: List[str], out_dir: Path) -> None:
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode == 2, result.stderr
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.stderr + result.stdout
-    for word in words:
-        assert word in lines[0], lines[0]
+    assert_one_line_usage_error(result, words)
     assert not [p for p in out_dir.rglob("*") if p.suffix in (".mp4", ".safetensors")]
 
 

@@ -49,7 +49,7 @@ def test_euler_update_equals_a_hand_written_loop():
 def test_bad_step_lists_are_refused(steps):
     from wanengine.config import GenerationOptions
 
-    with pytest.raises(ConfigError, match="--denoising-steps"):
+    with pytest.raises(ConfigError, match="^denoising_steps: "):
         GenerationOptions(prompt="p", solver="euler", denoising_steps=steps).validate()
 
 

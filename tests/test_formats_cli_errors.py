@@ -2,10 +2,8 @@
 file or flag, no traceback, nothing written -- all from the preflight, before any weight."""
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import List
 
@@ -14,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from formats_writers import write_comfy_files, write_diffusers_repo
-from helpers import REPO_ROOT
+from helpers import assert_one_line_usage_error, run_cli
 from wanengine.errors import CheckpointError
 
 VAE_FILE = "vae/diffusion_pytorch_model.safetensors"
@@ -41,18 +39,11 @@ def sources(golden_ckpt, tmp_path_factory):
 
 
 def _cli(args: List[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    return subprocess.run([sys.executable, str(REPO_ROOT / "cli.py"), *args], capture_output=True, text=True,
-                          timeout=120, cwd=cwd, env=env)
+    return run_cli(args, cwd)
 
 
 def _clean_failure(result: subprocess.CompletedProcess, words: List[str]) -> None:
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode == 2, result.stderr
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.stderr + result.stdout
-    for word in words:
-        assert word in lines[0], lines[0]
+    assert_one_line_usage_error(result, words)
 
 
 def _i2v_args(golden, out: Path) -> List[str]:

@@ -95,7 +95,7 @@ def engine(golden_ckpt):
 
 def test_engine_errors_name_the_argument(engine, golden):
     for kwargs, argument in ((dict(frame_num=80), "frame_num"), (dict(steps=0), "steps"),
-                             (dict(solver="euler"), "solver"), (dict(guide_scale="x"), "guide_scale"),
+                             (dict(solver="heun"), "solver"), (dict(guide_scale="x"), "guide_scale"),
                              (dict(size="big"), "size")):
         with pytest.raises(ValueError) as info:
             engine.i2v(golden / "input.png", "a cat", **{**SMALL, **kwargs})

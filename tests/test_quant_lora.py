@@ -102,3 +102,35 @@ def test_no_deltas_leave_the_8bit_expert_bit_identical(tmp_path: Path, golden_ck
     for (name, a), (_, b) in zip(plain.state_dict().items(), same.state_dict().items()):
         assert a.dtype == b.dtype and torch.equal(a.view(torch.uint8) if a.element_size() == 1 else a,
                                                   b.view(torch.uint8) if b.element_size() == 1 else b), name
+
+
+def test_a_real_lora_file_on_a_stored_int8_expert(tmp_path: Path, golden_ckpt: Path, case) -> None:
+    """The engine's own merger (`adapters.merge.AdapterMerger` over a planned LoRA file) on a
+    LightX2V int8 expert: the same weights as the stand-in's rule, Q(dequantized + delta)."""
+    from lora_helpers import lora_tensors, pair_delta, random_lora, write_lora
+    from wanengine.adapters import LoraSpec
+    from wanengine.adapters.merge import AdapterMerger
+    from wanengine.adapters.plan import plan_adapter
+
+    inputs, expert = case
+    modules = ("blocks.0.self_attn.q", "blocks.1.ffn.0", "text_embedding.0")
+    pairs = random_lora({n: t.shape for n, t in expert.items()}, modules, rank=4, seed=3)
+    adapter = write_lora(tmp_path / "adapter.safetensors", lora_tensors(pairs, "lora_A", "diffusion_model."))
+    stored, dequantized = quantize_file(expert, "lightx2v-int8")
+    write_expert(tmp_path / "int8", stored, golden_ckpt / LOW)
+    plan = plan_adapter(LoraSpec(str(adapter), strength=0.5, expert="low"), LOW,
+                        {n: tuple(t.shape) for n, t in expert.items()})
+    with AdapterMerger([plan]) as merger:
+        model = load_expert(tmp_path / "int8", dtype=torch.float32, merger=merger)
+    copy = dict(dequantized)
+    for module in modules:
+        name = module + ".weight"
+        merged = dequantized[name] + pair_delta(pairs[module], 0.5)
+        if name.startswith("blocks."):
+            q, scale = spec_int8_rows(merged)
+            merged = q.float() * scale
+        copy[name] = merged
+    write_expert(tmp_path / "copy", copy, golden_ckpt / LOW)
+    assert eight_bit_modules(model)["blocks.1.ffn.0"].weight.dtype == torch.int8
+    assert float((_forward(model, inputs) - _forward(load_dit(tmp_path / "copy", dtype=torch.float32), inputs))
+                 .abs().max()) <= 1e-5

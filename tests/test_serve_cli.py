@@ -12,7 +12,9 @@ from wanengine.serve import server
 OPTIONS = ["--ckpt-dir", "--device", "--dtype", "--kernel-backend", "--offload-model", "--t5-cpu", "--vae-tile-rows",
            "--ulysses-size", "--cfg-size", "--dit-fsdp", "--t5-fsdp", "--vae-parallel", "--host", "--port",
            "--output-dir", "--max-queue", "--max-upload-mb", "--api-key", "--job-ttl", "--high-noise-model",
-           "--low-noise-model", "--t5", "--vae", "--tokenizer", "--dit-config", "--quantize", "--quantize-t5"]
+           "--low-noise-model", "--t5", "--vae", "--tokenizer", "--dit-config", "--quantize", "--quantize-t5",
+           "--lora", "--lora-high", "--lora-low", "--step-cache", "--cache-threshold", "--cache-warmup",
+           "--cache-max-skips", "--cache-table"]
 
 
 def run(argv, capsys) -> tuple:
@@ -47,6 +49,9 @@ def no_engine(monkeypatch):
     (["--output-dir", "/nonexistent-parent/jobs"], "--output-dir: /nonexistent-parent/jobs: directory"),
     (["--ulysses-size", "2"], "multi-card runs need torchrun"),
     (["--dtype", "float8"], "--dtype: 'float8' is not one of"),
+    (["--step-cache", "sometimes"], "--step-cache"),
+    (["--step-cache", "first-block", "--cache-threshold", "-1"], "--cache-threshold"),
+    (["--lora-high", "/nonexistent/adapter.safetensors"], "/nonexistent/adapter.safetensors"),
 ])
 def test_bad_setup_is_one_line_and_exit_2(golden_ckpt, tmp_path, capsys, no_engine, extra, message):
     code, _, err = run(["serve", "--ckpt-dir", str(golden_ckpt), "--output-dir", str(tmp_path / "jobs"), *extra],

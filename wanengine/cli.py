@@ -344,8 +344,6 @@ def demo(
 
     Writes the video, the generated input image (<stem>_input.png) and a preview
     (<stem>_preview.png: input | first frame | last frame)."""
-    from .config import EngineConfig
-
     import time
 
     from .clock import process_age

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import mmap
-import os
 import shutil
 import struct
 import warnings

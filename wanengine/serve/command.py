@@ -5,7 +5,7 @@ this module imports only typer, so `wanengine --help` works without the `[serve]
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -18,6 +18,7 @@ INPUTS = "Inputs"
 PERFORMANCE = "Performance / memory"
 PARALLEL = "Parallel (torchrun)"
 SERVICE = "Service"
+ADAPTERS = "Adapters and step cache"
 
 
 def serve(
@@ -71,11 +72,31 @@ def serve(
     dit_config: Optional[Path] = dit_config_option(),
     quantize: Optional[str] = quantize_option(),
     quantize_t5: Optional[str] = quantize_t5_option(),
+    lora: Optional[List[str]] = typer.Option(None, "--lora", rich_help_panel=ADAPTERS, metavar="<path[:strength]>",
+                                             help="Adapter for both experts, merged once at load (repeatable)."),
+    lora_high: Optional[List[str]] = typer.Option(None, "--lora-high", rich_help_panel=ADAPTERS,
+                                                  metavar="<path[:strength]>",
+                                                  help="Adapter for the high-noise expert (repeatable)."),
+    lora_low: Optional[List[str]] = typer.Option(None, "--lora-low", rich_help_panel=ADAPTERS,
+                                                 metavar="<path[:strength]>",
+                                                 help="Adapter for the low-noise expert (repeatable)."),
+    step_cache: str = typer.Option("off", "--step-cache", rich_help_panel=ADAPTERS,
+                                   help="off, first-block or mag: the step cache for every job (see i2v --help)."),
+    cache_threshold: Optional[float] = typer.Option(None, "--cache-threshold", rich_help_panel=ADAPTERS,
+                                                    show_default="required with a cache",
+                                                    help="The step cache's threshold (0 never skips)."),
+    cache_warmup: int = typer.Option(1, "--cache-warmup", rich_help_panel=ADAPTERS,
+                                     help="Steps always computed after each expert switch."),
+    cache_max_skips: Optional[int] = typer.Option(None, "--cache-max-skips", rich_help_panel=ADAPTERS,
+                                                  show_default="no limit", help="At most this many consecutive skips."),
+    cache_table: Optional[Path] = typer.Option(None, "--cache-table", rich_help_panel=ADAPTERS,
+                                               help="Mag table JSON; jobs must then use its step count."),
 ) -> None:
     """Serve image-to-video over HTTP (POST /v1/videos, then poll and fetch); loads the engine once.
 
     Under torchrun, rank 0 serves and every rank runs each job. Needs FastAPI and uvicorn (the serve extra).
     """
+    from ..adapters.spec import lora_specs_from_flags
     from ..cli import say  # honours --quiet / --verbose
     from ..config import EngineConfig
     from .server import serve as run_server
@@ -85,7 +106,10 @@ def serve(
     cfg = EngineConfig(**sources, device=device, dtype=dtype, kernel_backend=kernel_backend,
                        offload_model=offload_model, t5_cpu=t5_cpu, vae_tile_rows=vae_tile_rows,
                        ulysses_size=ulysses_size, cfg_size=cfg_size, dit_fsdp=dit_fsdp, t5_fsdp=t5_fsdp,
-                       vae_parallel=vae_parallel, progress=False, quantize=quantize, quantize_t5=quantize_t5)
+                       vae_parallel=vae_parallel, progress=False, quantize=quantize, quantize_t5=quantize_t5,
+                       loras=tuple(lora_specs_from_flags(lora or (), lora_high or (), lora_low or ())),
+                       step_cache=step_cache, cache_threshold=cache_threshold, cache_warmup=cache_warmup,
+                       cache_max_skips=cache_max_skips, cache_table=str(cache_table) if cache_table else None)
     settings = ServiceSettings(output_dir=output_dir, max_queue=max_queue, max_upload_mb=max_upload_mb,
                                job_ttl_s=job_ttl, api_key=api_key)
     run_server(cfg, settings, host=host, port=port, say=say)

@@ -31,13 +31,16 @@ def check_serve_extra() -> None:
 
 
 def preflight_engine(cfg: EngineConfig) -> None:
-    """The CLI's engine checks: options, checkpoint layout, parallel layout; no weights read."""
+    """The CLI's engine checks: options, checkpoint layout, parallel layout, adapters; no weights read."""
     from ..io.checkpoint import EXPERTS, preflight_checkpoint
     from ..run import check_parallel_layout
 
     cfg.validate()
     layout = preflight_checkpoint(cfg.ckpt_dir, cfg.component_overrides(), cfg.dit_config)
     check_parallel_layout(cfg, layout.dit_configs[EXPERTS[0]].num_heads)
+    from ..adapters.plan import plan_checkpoint_adapters
+
+    plan_checkpoint_adapters(cfg.loras, layout)  # every adapter against the experts' shapes, headers only
 
 
 def check_settings(settings: ServiceSettings, host: str, port: int) -> None:
