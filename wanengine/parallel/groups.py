@@ -171,6 +171,13 @@ def all_reduce_int(value: int, group: Optional[dist.ProcessGroup] = None) -> int
 
 
 def shutdown() -> None:
-    """Leave the process group (call once at the end of a run)."""
+    """Leave the process group (call once at the end of a run). The ranks first meet at a
+    barrier, so none tears its connections down while another (rank 0 writing the video) is
+    still using the group: a rank leaving early made gloo abort at exit now and then
+    ("terminate called without an active exception")."""
     if dist.is_initialized():
+        try:
+            dist.barrier()
+        except Exception:  # a peer is already gone: nothing left to wait for
+            pass
         dist.destroy_process_group()
