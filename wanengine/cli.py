@@ -27,6 +27,9 @@ import typer  # noqa: E402
 from . import __version__  # noqa: E402
 from .cli_argv import UsageError  # noqa: E402
 from .cli_quant import PANEL as QUANT_PANEL, quantize_option, quantize_t5_option  # noqa: E402
+from .cli_runtime_options import (ADAPTERS as FEWSTEP, STEP_CACHE, cache_max_skips_option,  # noqa: E402
+                                  cache_table_option, cache_threshold_option, cache_warmup_option, lora_high_option,
+                                  lora_low_option, lora_option, runtime_fields, step_cache_option)
 from .cli_weights import (ckpt_dir_option, dit_config_option, high_noise_option, low_noise_option,  # noqa: E402
                           t5_option, tokenizer_option, vae_option, weight_sources)
 from .errors import UserInputError  # noqa: E402
@@ -63,8 +66,6 @@ PERFORMANCE = "Performance / memory"
 PARALLEL = "Parallel (torchrun)"
 OUTPUT = "Output"
 HARDWARE = "Hardware model"
-STEP_CACHE = "Step cache"
-FEWSTEP = "Few-step and LoRA"
 
 
 class _State:
@@ -226,36 +227,22 @@ def i2v(
     quantize_t5: Optional[str] = quantize_t5_option(),
     ignore_memory_check: bool = typer.Option(False, "--ignore-memory-check", metavar="", rich_help_panel="Reliability",
                                              help="Run even if the memory estimate exceeds what the device has."),
-    step_cache: str = typer.Option("off", "--step-cache", rich_help_panel=STEP_CACHE,
-                                   help="off, first-block or mag: skip DiT blocks on steps that change little."),
-    cache_threshold: Optional[float] = typer.Option(None, "--cache-threshold", rich_help_panel=STEP_CACHE,
-                                                    show_default="required with a cache",
-                                                    help="Skip while the accumulated change stays below this "
-                                                         "(0 never skips)."),
-    cache_warmup: int = typer.Option(1, "--cache-warmup", rich_help_panel=STEP_CACHE,
-                                     help="Steps always computed after each expert switch."),
-    cache_max_skips: Optional[int] = typer.Option(None, "--cache-max-skips", rich_help_panel=STEP_CACHE,
-                                                  show_default="no limit",
-                                                  help="At most this many consecutive skipped steps."),
-    cache_table: Optional[Path] = typer.Option(None, "--cache-table", rich_help_panel=STEP_CACHE,
-                                               help="Mag table JSON (from `wanengine calibrate-cache`)."),
+    step_cache: str = step_cache_option(),
+    cache_threshold: Optional[float] = cache_threshold_option(),
+    cache_warmup: int = cache_warmup_option(),
+    cache_max_skips: Optional[int] = cache_max_skips_option(),
+    cache_table: Optional[Path] = cache_table_option(),
     preset: Optional[str] = typer.Option(None, "--preset", rich_help_panel=FEWSTEP,
                                          help="distill-4step: euler, 4 steps, shift 5.0, guidance 1.0 "
                                               "(explicit flags override)."),
     denoising_steps: Optional[str] = typer.Option(None, "--denoising-steps", rich_help_panel=FEWSTEP, metavar="<t,t,...>",
                                                   help="Euler timesteps, e.g. 1000,750,500,250."),
-    lora: Optional[List[str]] = typer.Option(None, "--lora", rich_help_panel=FEWSTEP, metavar="<path[:strength]>",
-                                             help="Adapter for both experts (repeatable; adapters add up)."),
-    lora_high: Optional[List[str]] = typer.Option(None, "--lora-high", rich_help_panel=FEWSTEP, metavar="<path[:strength]>",
-                                                  help="Adapter for the high-noise expert (repeatable)."),
-    lora_low: Optional[List[str]] = typer.Option(None, "--lora-low", rich_help_panel=FEWSTEP, metavar="<path[:strength]>",
-                                                 help="Adapter for the low-noise expert (repeatable)."),
+    lora: Optional[List[str]] = lora_option(),
+    lora_high: Optional[List[str]] = lora_high_option(),
+    lora_low: Optional[List[str]] = lora_low_option(),
     context: typer.Context = None,  # which flags were given explicitly (they override --preset)
 ) -> None:
     """Generate a video from an image and a prompt."""
-    import dataclasses
-
-    from .adapters.spec import lora_specs_from_flags
     from .clock import process_age
     from .config import EngineConfig, GenerationOptions
 
@@ -271,9 +258,8 @@ def i2v(
                        vae_tile_rows=vae_tile_rows, ulysses_size=ulysses_size, cfg_size=cfg_size, dit_fsdp=dit_fsdp,
                        t5_fsdp=t5_fsdp, vae_parallel=vae_parallel, progress=_State.verbosity > 0,
                        quantize=quantize, quantize_t5=quantize_t5,
-                       loras=tuple(lora_specs_from_flags(lora or (), lora_high or (), lora_low or ())))
-    cfg = dataclasses.replace(cfg, step_cache=step_cache, cache_threshold=cache_threshold, cache_warmup=cache_warmup,
-                              cache_max_skips=cache_max_skips, cache_table=str(cache_table) if cache_table else None)
+                       **runtime_fields(lora, lora_high, lora_low, step_cache, cache_threshold, cache_warmup,
+                                        cache_max_skips, cache_table))
     cfg.validate(), opts.validate()  # usage errors before torch is imported
 
     from .run import preflight_run, run_i2v

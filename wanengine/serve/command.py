@@ -10,6 +10,9 @@ from typing import List, Optional
 import typer
 
 from ..cli_quant import quantize_option, quantize_t5_option
+from ..cli_runtime_options import (cache_max_skips_option, cache_table_option, cache_threshold_option,
+                                   cache_warmup_option, lora_high_option, lora_low_option, lora_option,
+                                   runtime_fields, step_cache_option)
 from ..cli_weights import (ckpt_dir_option, dit_config_option, high_noise_option, low_noise_option, t5_option,
                            tokenizer_option, vae_option, weight_sources)
 
@@ -72,31 +75,19 @@ def serve(
     dit_config: Optional[Path] = dit_config_option(),
     quantize: Optional[str] = quantize_option(),
     quantize_t5: Optional[str] = quantize_t5_option(),
-    lora: Optional[List[str]] = typer.Option(None, "--lora", rich_help_panel=ADAPTERS, metavar="<path[:strength]>",
-                                             help="Adapter for both experts, merged once at load (repeatable)."),
-    lora_high: Optional[List[str]] = typer.Option(None, "--lora-high", rich_help_panel=ADAPTERS,
-                                                  metavar="<path[:strength]>",
-                                                  help="Adapter for the high-noise expert (repeatable)."),
-    lora_low: Optional[List[str]] = typer.Option(None, "--lora-low", rich_help_panel=ADAPTERS,
-                                                 metavar="<path[:strength]>",
-                                                 help="Adapter for the low-noise expert (repeatable)."),
-    step_cache: str = typer.Option("off", "--step-cache", rich_help_panel=ADAPTERS,
-                                   help="off, first-block or mag: the step cache for every job (see i2v --help)."),
-    cache_threshold: Optional[float] = typer.Option(None, "--cache-threshold", rich_help_panel=ADAPTERS,
-                                                    show_default="required with a cache",
-                                                    help="The step cache's threshold (0 never skips)."),
-    cache_warmup: int = typer.Option(1, "--cache-warmup", rich_help_panel=ADAPTERS,
-                                     help="Steps always computed after each expert switch."),
-    cache_max_skips: Optional[int] = typer.Option(None, "--cache-max-skips", rich_help_panel=ADAPTERS,
-                                                  show_default="no limit", help="At most this many consecutive skips."),
-    cache_table: Optional[Path] = typer.Option(None, "--cache-table", rich_help_panel=ADAPTERS,
-                                               help="Mag table JSON; jobs must then use its step count."),
+    lora: Optional[List[str]] = lora_option(ADAPTERS),
+    lora_high: Optional[List[str]] = lora_high_option(ADAPTERS),
+    lora_low: Optional[List[str]] = lora_low_option(ADAPTERS),
+    step_cache: str = step_cache_option(ADAPTERS),
+    cache_threshold: Optional[float] = cache_threshold_option(ADAPTERS),
+    cache_warmup: int = cache_warmup_option(ADAPTERS),
+    cache_max_skips: Optional[int] = cache_max_skips_option(ADAPTERS),
+    cache_table: Optional[Path] = cache_table_option(ADAPTERS),
 ) -> None:
     """Serve image-to-video over HTTP (POST /v1/videos, then poll and fetch); loads the engine once.
 
     Under torchrun, rank 0 serves and every rank runs each job. Needs FastAPI and uvicorn (the serve extra).
     """
-    from ..adapters.spec import lora_specs_from_flags
     from ..cli import say  # honours --quiet / --verbose
     from ..config import EngineConfig
     from .server import serve as run_server
@@ -107,9 +98,8 @@ def serve(
                        offload_model=offload_model, t5_cpu=t5_cpu, vae_tile_rows=vae_tile_rows,
                        ulysses_size=ulysses_size, cfg_size=cfg_size, dit_fsdp=dit_fsdp, t5_fsdp=t5_fsdp,
                        vae_parallel=vae_parallel, progress=False, quantize=quantize, quantize_t5=quantize_t5,
-                       loras=tuple(lora_specs_from_flags(lora or (), lora_high or (), lora_low or ())),
-                       step_cache=step_cache, cache_threshold=cache_threshold, cache_warmup=cache_warmup,
-                       cache_max_skips=cache_max_skips, cache_table=str(cache_table) if cache_table else None)
+                       **runtime_fields(lora, lora_high, lora_low, step_cache, cache_threshold, cache_warmup,
+                                        cache_max_skips, cache_table))
     settings = ServiceSettings(output_dir=output_dir, max_queue=max_queue, max_upload_mb=max_upload_mb,
                                job_ttl_s=job_ttl, api_key=api_key)
     run_server(cfg, settings, host=host, port=port, say=say)
