@@ -75,25 +75,44 @@ def test_vae_encode_and_decode_report_their_chunks(monkeypatch):
     from wanengine import progress as progress_mod
     from wanengine.models.vae import VAEConfig, WanVAE
 
-    monkeypatch.setattr(progress_mod, "LINE_INTERVAL_S", 0.0)  # a line for every frame but the last
+    assert progress_mod.causal_chunk_frames(9) == [1, 4, 4] and progress_mod.causal_chunk_frames(1) == [1]
+    monkeypatch.setattr(progress_mod, "LINE_INTERVAL_S", 0.0)  # a line at the start of every chunk but the first
     torch.manual_seed(0)
     vae = WanVAE(VAEConfig(dim=8)).eval()
     stream = io.StringIO()
-    chunks = progress_mod.ChunkProgress("VAE decode", 3, "latent frames", StageLog(stream=stream))
+    chunks = progress_mod.ChunkProgress("VAE decode", progress_mod.causal_chunk_frames(9), StageLog(stream=stream))
     with torch.no_grad(), progress_mod.vae_chunks(vae, "decoder", chunks):
         vae.decode(torch.zeros(16, 3, 2, 2), tile_rows=1)  # tiled: frames still counted once each
-    assert chunks.done == 3
+    assert chunks.started == 3
     lines = stream.getvalue().splitlines()
-    assert [line.split(",")[0] for line in lines] == ["wanengine: VAE decode 1/3 latent frames",
-                                                       "wanengine: VAE decode 2/3 latent frames"]
-    assert all("ETA" in line for line in lines)
+    # Frames *done* when the next chunk starts (the first chunk is one frame, the others four).
+    assert [line.split(",")[0] for line in lines] == ["wanengine: VAE decode 1/9 frames",
+                                                       "wanengine: VAE decode 5/9 frames"]
+    assert all(re.search(r", \d+\.\d s, ETA \d+\.\d s$", line) for line in lines), lines
     with torch.no_grad():
         vae.decode(torch.zeros(16, 1, 2, 2))
-    assert chunks.done == 3  # the hook is gone after the stage
-    encoding = progress_mod.ChunkProgress("VAE encode", 3, "chunks", StageLog(stream=io.StringIO()))
+    assert chunks.started == 3  # the hook is gone after the stage
+    stream = io.StringIO()
+    encoding = progress_mod.ChunkProgress("VAE encode", progress_mod.causal_chunk_frames(9), StageLog(stream=stream))
     with torch.no_grad(), progress_mod.vae_chunks(vae, "encoder", encoding):
         vae.encode(torch.zeros(3, 9, 16, 16))  # 9 frames: chunks of 1, 4, 4
-    assert encoding.done == 3
+    assert encoding.started == 3
+    assert [line.split(",")[0] for line in stream.getvalue().splitlines()] == [
+        "wanengine: VAE encode 1/9 frames", "wanengine: VAE encode 5/9 frames"]
+
+
+def test_a_two_chunk_stage_reports_its_first_chunk(monkeypatch):
+    """5 frames at a large size: two chunks, the second four times the first. Its line comes when
+    the second starts, with the ETA weighed by frames (elapsed x 4), not by chunks (elapsed x 1)."""
+    from wanengine import progress as progress_mod
+
+    clock = iter([0.0, 0.0, 6.0])  # construction, the first chunk, the second 6 s later
+    monkeypatch.setattr(progress_mod.time, "perf_counter", lambda: next(clock))
+    stream = io.StringIO()
+    chunks = progress_mod.ChunkProgress("VAE decode", progress_mod.causal_chunk_frames(5), StageLog(stream=stream))
+    chunks.tick()  # the first chunk starts (nothing done yet: no line)
+    chunks.tick()  # the second starts, 6 s in
+    assert stream.getvalue() == "wanengine: VAE decode 1/5 frames, 6.0 s, ETA 24.0 s\n"
 
 
 def _args(golden, out):

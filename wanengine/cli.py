@@ -57,7 +57,7 @@ class Group(_PlainHelpFlag, typer.core.TyperGroup):
 app = typer.Typer(cls=Group, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   context_settings={"help_option_names": ["-h", "--help"]},
                   help="wanengine: Wan2.2-I2V-A14B image-to-video inference (Ascend NPU, CUDA, CPU).\n\n"
-                       "Global options (--quiet/-q, --verbose/-v, --debug) may also follow the command.")
+                       "Global options (--quiet/-q, --verbose/-v, --debug, --version) may also follow the command.")
 
 # Help panels of `i2v` (and `plan`); other features add their own panel names.
 INPUTS = "Inputs"

@@ -9,8 +9,8 @@ spelling per option:
   becomes `--offload-model` / `--no-offload-model`;
 - flags of the reference's other tasks (speech-to-video, animate, prompt extension) are a
   one-line "not supported by this engine" error naming the flag;
-- the global options (`--quiet/-q`, `--verbose/-v`, `--debug`) may stand before or after the
-  subcommand: they are moved in front of it;
+- the global options (`--quiet/-q`, `--verbose/-v`, `--debug`, `--version`) may stand before or
+  after the subcommand: they are moved in front of it;
 - `plan` accepts any `i2v` command line: `i2v` options that `plan` has no use for are dropped
   with their values.
 """
@@ -23,7 +23,7 @@ try:  # recent typer carries its own copy of click; older ones use the click pac
 except ImportError:  # pragma: no cover
     from click.exceptions import UsageError  # type: ignore[no-redef]
 
-GLOBAL_FLAGS = ("--quiet", "-q", "--verbose", "-v", "--debug")
+GLOBAL_FLAGS = ("--quiet", "-q", "--verbose", "-v", "--debug", "--version")
 
 # Reference spellings whose name differs from ours beyond "_" -> "-".
 RENAMED: Dict[str, str] = {

@@ -29,7 +29,7 @@ from .io.video import Video
 from .numerics import check_finite, hinted
 from .pipeline import (HIGH, LOW, ForwardCount, StepInfo, batched_cfg, conditioning_video, denoise, first_frame_mask,
                        guidance_off, initial_noise, needs_unconditional, seq_len_for, sequential_cfg)
-from .progress import ChunkProgress, StepProgress, vae_chunks
+from .progress import ChunkProgress, StepProgress, causal_chunk_frames, vae_chunks
 from .schedulers import make_sampler
 from .stage_log import StageLog, human_bytes
 from .timing import StageTimer
@@ -214,7 +214,7 @@ class Engine:
         else:  # guidance off on every step: the negative prompt is never used
             with timer.stage("text encode", "(prompt; guidance off, no negative prompt)"):
                 contexts = (self.encode_text([opts.prompt])[0], None)
-        encoding = ChunkProgress("VAE encode", frames, "chunks", self.stage_log)
+        encoding = ChunkProgress("VAE encode", causal_chunk_frames(opts.frame_num), self.stage_log)
         with timer.stage("VAE encode", f"({image.width}x{image.height} -> {8 * lat_w}x{8 * lat_h}, "
                                        f"{frames} latent frames)"), vae_chunks(self.vae, "encoder", encoding):
             y = self.encode_image(image_to_tensor(image), frames, lat_h, lat_w, opts.frame_num)
@@ -237,7 +237,7 @@ class Engine:
                              seq_len=self.seq_len(noise.shape), guide_scale=opts.guidance,
                              guidance=self.guidance(), on_step=step_done, prefetch=self.experts.prefetch,
                              count=count)
-        decoding = ChunkProgress("VAE decode", frames, "latent frames", self.stage_log)
+        decoding = ChunkProgress("VAE decode", causal_chunk_frames(opts.frame_num), self.stage_log)
         with timer.stage("VAE decode", f"({frames} latent frames -> {opts.frame_num} frames)"), \
                 vae_chunks(self.vae, "decoder", decoding):
             video = self.decode(latent)

@@ -4,15 +4,15 @@ chunks of a VAE encode / decode.
 Steps: on a terminal a tqdm bar. Anywhere else (a log file, a pipe, torchrun's collected
 output) a bar's carriage returns make an unreadable line, so it prints plain lines instead:
 the first and the last step, and one every `LINE_INTERVAL_S` seconds in between. VAE decode:
-a line every `LINE_INTERVAL_S` seconds (`ChunkProgress`), counted by `vae_chunks`, and so
-for VAE encode.
+a line every `LINE_INTERVAL_S` seconds (`ChunkProgress`) with the frames done and the ETA,
+counted by `vae_chunks`, and so for VAE encode.
 """
 from __future__ import annotations
 
 import contextlib
 import sys
 import time
-from typing import Iterator, Optional, TextIO
+from typing import Iterator, List, Optional, Sequence, TextIO
 
 from tqdm import tqdm
 
@@ -72,23 +72,33 @@ class StepProgress:
             self._bar.close()
 
 
-class ChunkProgress:
-    """`tick()` once per chunk of a long stage; a line (done/total, elapsed, ETA) at most every
-    `LINE_INTERVAL_S` seconds, none for stages shorter than that."""
+def causal_chunk_frames(frame_num: int) -> List[int]:
+    """Video frames per VAE chunk of a `frame_num`-frame clip: the first frame alone, then 4 a
+    chunk -- for the encoder (input frames) and the decoder (frames out of each latent frame)."""
+    return [1] + [4] * ((frame_num - 1) // 4)
 
-    def __init__(self, name: str, total: int, unit: str, log: StageLog) -> None:
-        self.name, self.total, self.unit, self.log = name, total, unit, log
-        self.done = 0
+
+class ChunkProgress:
+    """`tick()` when each chunk of a long stage starts; from the second chunk on, a line with the
+    frames done so far (the chunks before this one), elapsed time and ETA, at most every
+    `LINE_INTERVAL_S` seconds -- none for stages shorter than that. `frames_per_chunk` weighs
+    the chunks (`causal_chunk_frames`), so the ETA does not count a 1-frame chunk as 4."""
+
+    def __init__(self, name: str, frames_per_chunk: Sequence[int], log: StageLog) -> None:
+        self.name, self.frames_per_chunk, self.log = name, list(frames_per_chunk), log
+        self.total = sum(self.frames_per_chunk)
+        self.started = 0  # chunks begun; all but the current one are done
         self._start = self._last_line = time.perf_counter()
 
     def tick(self) -> None:
-        self.done += 1
+        finished, self.started = self.started, self.started + 1
         now = time.perf_counter()
-        if now - self._last_line < LINE_INTERVAL_S or self.done >= self.total:
+        if finished == 0 or now - self._last_line < LINE_INTERVAL_S:
             return
+        done = sum(self.frames_per_chunk[:finished])
         elapsed = now - self._start
-        eta = elapsed / self.done * (self.total - self.done)
-        self.log.line(f"{self.name} {self.done}/{self.total} {self.unit}, {_duration(elapsed)}, ETA {_duration(eta)}")
+        eta = elapsed / done * (self.total - done)
+        self.log.line(f"{self.name} {done}/{self.total} frames, {_duration(elapsed)}, ETA {_duration(eta)}")
         self._last_line = now
 
 

@@ -76,6 +76,22 @@ def default_output_name(opts: GenerationOptions, frame_size: tuple) -> Path:
     return Path(f"i2v-A14B_{frame_size[0]}x{frame_size[1]}_{opts.frame_num}f_seed{opts.seed}_{slug}_{stamp}.mp4")
 
 
+def check_before_torch(cfg: EngineConfig, opts: GenerationOptions, image_path) -> None:
+    """The input checks that need no torch, run before torch's 1-5 s import so that the most
+    common mistakes -- a mistyped checkpoint, image, adapter or table path -- come back at once.
+    The full checks (headers, shapes, the parallel layout) follow later."""
+    from .adapters.plan import check_adapter_file
+    from .io.checkpoint import resolve_sources
+    from .io.image_input import normalize_image_input
+
+    resolve_sources(cfg.ckpt_dir, cfg.component_overrides(), cfg.dit_config)
+    if isinstance(image_path, (str, os.PathLike)):
+        normalize_image_input(image_path)
+    for spec in cfg.loras:
+        check_adapter_file(Path(os.fspath(spec.path)))
+    check_cache_table(cfg, opts.steps)
+
+
 def preflight_run(cfg: EngineConfig, opts: GenerationOptions, image_path, out: Optional[Path],
                   metrics_json: Optional[Path], *, startup: Optional[float] = None,
                   ignore_memory_check: bool = False) -> RunPlan:
@@ -85,14 +101,16 @@ def preflight_run(cfg: EngineConfig, opts: GenerationOptions, image_path, out: O
     timer = StageTimer()  # silent: a bad input must stay the only line printed
     if startup is not None:
         timer.add("start-up", startup)
+    with timer.stage("check inputs"):
+        cfg.validate()
+        opts.validate()
+        check_before_torch(cfg, opts, image_path)
     with timer.stage("import torch"):  # its own row: 1-5 s that would otherwise hide in the checks
         import torch  # noqa: F401
 
         from .io.image import open_image
         from .io.video import check_output_path
-    with timer.stage("check inputs", f"({cfg.ckpt_dir or 'per-component weights'})"):
-        cfg.validate()
-        opts.validate()
+    with timer.stage("check inputs"):
         layout = preflight_checkpoint(cfg.ckpt_dir, cfg.component_overrides(), cfg.dit_config)
         expert_config = layout.dit_configs[EXPERTS[0]]
         check_parallel_layout(cfg, expert_config.num_heads)

@@ -72,12 +72,17 @@ class AdapterPlan:
         return line
 
 
+def check_adapter_file(path: Path) -> None:
+    """CheckpointError unless the adapter file exists (torch-free: checked before torch loads)."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: adapter file not found")
+
+
 def read_header(path: Path) -> Dict[str, StoredTensor]:
     """key -> StoredTensor from a safetensors header (validates the file; no data read)."""
     from ..io.formats.safetensors_files import read_header as read_safetensors_header
 
-    if not path.is_file():
-        raise CheckpointError(f"{path}: adapter file not found")
+    check_adapter_file(path)
     return {key: StoredTensor(key, dtype, shape, begin, end)
             for key, (dtype, shape, begin, end) in read_safetensors_header(path).items()}
 

@@ -122,6 +122,16 @@ def relative_position_bucket(rel_pos: torch.Tensor, num_buckets: int = 32, max_e
     return bucket + torch.where(distance < max_exact, distance, far)
 
 
+class Embedding(nn.Embedding):
+    """`nn.Embedding` that leaves a meta-device table uninitialised: `normal_` on meta goes
+    through torch's Python reference ops, whose first use imports torch._dynamo (1-2 s of
+    every preflight and load, and a slower interpreter exit). Checkpoints overwrite it anyway."""
+
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
+
 def position_buckets(seq_len: int, num_buckets: int, device: Union[str, torch.device]) -> torch.Tensor:
     """`[S, S]` bucket index for query i (row) and key j (column), built on `device`."""
     pos = torch.arange(seq_len, device=device, dtype=torch.long)
@@ -133,7 +143,7 @@ class RelativePositionBias(nn.Module):
 
     def __init__(self, num_buckets: int, num_heads: int):
         super().__init__()
-        self.embedding = nn.Embedding(num_buckets, num_heads)
+        self.embedding = Embedding(num_buckets, num_heads)
 
     def forward(self, buckets: torch.Tensor) -> torch.Tensor:
         return self.embedding(buckets).permute(2, 0, 1).unsqueeze(0)  # [S, S, H] -> [1, H, S, S]
@@ -219,7 +229,7 @@ class UMT5Encoder(nn.Module):
     def __init__(self, cfg: T5Config):
         super().__init__()
         self.cfg = cfg
-        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.token_embedding = Embedding(cfg.vocab_size, cfg.dim)
         self.blocks = nn.ModuleList(T5Block(cfg) for _ in range(cfg.num_layers))
         self.norm = T5Norm(cfg.dim)
 

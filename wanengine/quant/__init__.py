@@ -12,10 +12,18 @@
   tensor by tensor, single-process and FSDP-sharded.
 - `lora`: adapter deltas on 8-bit experts (merged into the dequantized weight, re-quantized).
 - `convert`: `wanengine convert` with 8-bit sources (dequantized) or `--quantize` (8-bit out).
-- `sizes`: bytes of 8-bit experts / text encoders for `wanengine plan --weights`.
+- `sizes`: bytes of 8-bit experts / text encoders for `wanengine plan --weights` (torch-free).
 """
 from __future__ import annotations
 
-from .schemes import QUANT_DTYPES, dequantize, quantize_rows, resolve_quant_dtype
+from typing import Any
 
 __all__ = ["QUANT_DTYPES", "dequantize", "quantize_rows", "resolve_quant_dtype"]
+
+
+def __getattr__(name: str) -> Any:  # lazy: `plan` reads `quant.sizes` and must not import torch
+    if name in __all__:
+        from . import schemes
+
+        return getattr(schemes, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
-from .schemes import QUANT_DTYPES
+from ..config import QUANTIZE_FORMATS  # the names only: `plan` runs without importing torch
 
 SCALE_BYTES = 4  # float32 per output row
 
@@ -31,8 +31,8 @@ def t5_block_linears(dim: int, dim_attn: int, dim_ffn: int, **_: object) -> Tupl
 def check_weights(weights: Optional[str], flag: str) -> None:
     from ..errors import ConfigError
 
-    if weights is not None and weights not in QUANT_DTYPES:
-        raise ConfigError(f"{flag}: {weights!r} is not an 8-bit format; choose one of {', '.join(QUANT_DTYPES)}")
+    if weights is not None and weights not in QUANTIZE_FORMATS:
+        raise ConfigError(f"{flag}: {weights!r} is not an 8-bit format; choose one of {', '.join(QUANTIZE_FORMATS)}")
 
 
 def weight_bytes(params: int, blocks: int, block_linears: Tuple[int, int], width: int,
