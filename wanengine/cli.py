@@ -448,7 +448,7 @@ def plan_command(
     memory_gb: Optional[float] = typer.Option(None, "--memory-gb", rich_help_panel=HARDWARE,
                                               show_default="the preset's", help="Device memory, GB."),
     efficiency: Optional[float] = typer.Option(None, "--efficiency", rich_help_panel=HARDWARE,
-                                               show_default="the preset's (source printed)",
+                                               show_default="the preset's; its source is printed",
                                                help="Fraction of the peak the DiT achieves."),
     link_gbps: Optional[float] = typer.Option(None, "--link-gbps", rich_help_panel=HARDWARE,
                                               show_default="the preset's", help="Per-link bandwidth, GB/s."),
@@ -563,7 +563,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     finally:
         if argv is not None:  # called from another program (tests): give its signals back
             interrupts.uninstall()
-    exits.exit_with(code)
+    exits.exit_with(code, fast=argv is None)  # the console script: no interpreter teardown
 
 
 def _main(argv: Optional[List[str]]) -> int:

@@ -19,7 +19,7 @@ def ckpt_dir_option(panel: Optional[str] = None):
 def high_noise_option():
     return typer.Option(None, "--high-noise-model", rich_help_panel=PANEL,
                         help="High-noise expert: a directory or one .safetensors "
-                             "(e.g. wan2.2_i2v_high_noise_14B_fp16.safetensors).")
+                             "(ComfyUI's wan2.2_i2v_high_noise_14B_fp16, LightX2V's, ...).")
 
 
 def low_noise_option():
