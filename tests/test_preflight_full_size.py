@@ -15,9 +15,13 @@ from wanengine.constants import constants
 from wanengine.io.checkpoint import preflight_checkpoint
 
 
-def _write_sparse_expert(expert_dir, shapes, shards: int = 6) -> int:
-    """Safetensors shards whose headers describe bf16 tensors of the given shapes; the data
-    region is a hole (os.truncate), so a 28.6 GB expert costs a few KB of disk."""
+DTYPE_BYTES = {"BF16": 2, "F32": 4, "I8": 1, "F8_E4M3": 1}
+
+
+def _write_sparse_expert(expert_dir, shapes, shards: int = 6, dtypes=None) -> int:
+    """Safetensors shards whose headers describe tensors of the given shapes (bf16, or the
+    safetensors dtype `dtypes` names); the data region is a hole (os.truncate), so a 28.6 GB
+    expert costs a few KB of disk."""
     expert_dir.mkdir(parents=True)
     config = {k: v for k, v in constants()["i2v_a14b_dit"].items()
               if k in ("dim", "eps", "ffn_dim", "freq_dim", "in_dim", "num_heads", "num_layers", "out_dim", "text_len")}
@@ -28,8 +32,9 @@ def _write_sparse_expert(expert_dir, shapes, shards: int = 6) -> int:
         file_name = f"diffusion_pytorch_model-{index + 1:05d}-of-{shards:05d}.safetensors"
         header, offset = {}, 0
         for name in names[index::shards]:
-            nbytes = math.prod(shapes[name]) * 2
-            header[name] = {"dtype": "BF16", "shape": list(shapes[name]), "data_offsets": [offset, offset + nbytes]}
+            dtype = (dtypes or {}).get(name, "BF16")
+            nbytes = math.prod(shapes[name]) * DTYPE_BYTES[dtype]
+            header[name] = {"dtype": dtype, "shape": list(shapes[name]), "data_offsets": [offset, offset + nbytes]}
             offset += nbytes
             weight_map[name] = file_name
         raw = json.dumps(header).encode()
