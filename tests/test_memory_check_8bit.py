@@ -150,7 +150,8 @@ def test_a_budget_between_the_8bit_and_the_full_size_need(tmp_path, golden, gold
                       "--max-area", str(64 * 64), "--frame-num", "1", "--sample-steps", "2", "--seed", "1",
                       "--device", "cpu", "--dtype", "float32", "--out", str(ckpt.parent / "clip.mp4")])
         err = capsys.readouterr().err.strip().splitlines()
-        assert refused.value.code == 2 and len(err) == 1 and err[0].startswith("wanengine: error: memory: this run needs ~"), err
+        assert refused.value.code == 2 and len(err) == 1, err
+        assert err[0].startswith("wanengine: error: memory: this run needs ~"), err
         assert not (ckpt.parent / "clip.mp4").exists()
 
 

@@ -226,7 +226,7 @@ def i2v(
     quantize: Optional[str] = quantize_option(),
     quantize_t5: Optional[str] = quantize_t5_option(),
     ignore_memory_check: bool = typer.Option(False, "--ignore-memory-check", metavar="", rich_help_panel="Reliability",
-                                             help="Run even if the memory estimate exceeds what the device has."),
+                                             help="Run even if the memory estimate exceeds what the device or host has."),
     step_cache: str = step_cache_option(),
     cache_threshold: Optional[float] = cache_threshold_option(),
     cache_warmup: int = cache_warmup_option(),
