@@ -110,6 +110,23 @@ def test_quantize_at_load_bytes_equal_the_header_sum_and_the_loaded_modules(gold
     assert module_bytes(load_t5(t5_path, dtype=torch.bfloat16, quantize=torch.float8_e4m3fn)) == t5_expected
 
 
+def test_published_8bit_text_encoder_bytes_equal_the_header_sum_and_the_loaded_module(tmp_path, golden_ckpt):
+    from wanengine.quant.loading import load_t5
+
+    plain = torch.load(str(golden_ckpt / "models_t5_umt5-xxl-enc-bf16.pth"), map_location="cpu", weights_only=True)
+    stored, _ = quantize_file(plain, "lightx2v-int8", linear=T5_LINEAR)
+    ckpt = checkpoint_with_experts(tmp_path / "ckpt", golden_ckpt, {}, t5_state=stored)
+    for name in EXPERTS:
+        (ckpt / name).symlink_to(golden_ckpt / name)
+    dtypes = {torch.int8: "I8", torch.float32: "F32", torch.bfloat16: "BF16"}
+    headers = {n: {"dtype": dtypes[t.dtype], "shape": list(t.shape)} for n, t in stored.items()}
+    expected = header_sum(headers, run_width=2, kept_float32=re.compile("$^"))
+    held = held_weights(preflight_checkpoint(ckpt), EngineConfig(ckpt_dir=str(ckpt), dtype="bfloat16"))
+    assert held.t5 == expected
+    assert module_bytes(load_t5(ckpt / "models_t5_umt5-xxl-enc-bf16.pth", dtype=torch.bfloat16)) == expected
+    assert expected < header_sum({n: {"dtype": "BF16", "shape": list(t.shape)} for n, t in plain.items()}, 2)
+
+
 # --------------------------------------------------------------------------- budgets, small files
 def _need(ckpt: Path, golden: Path, **options) -> float:
     from wanengine.run import preflight_run
