@@ -23,9 +23,8 @@ import pytest
 import torch
 
 from quant_files import DIT_LINEAR, FORMATS, T5_LINEAR, checkpoint_with_experts, quantize_file, read_expert
-from test_preflight_full_size import _write_sparse_expert
+from test_preflight_full_size import full_size_shapes, write_sparse_checkpoint
 from wanengine.config import EngineConfig, GenerationOptions
-from wanengine.constants import constants
 from wanengine.errors import ConfigError
 from wanengine.held_weights import expert_bytes, held_weights, module_bytes
 from wanengine.io.checkpoint import preflight_checkpoint
@@ -128,10 +127,11 @@ def test_published_8bit_text_encoder_bytes_equal_the_header_sum_and_the_loaded_m
 
 
 # --------------------------------------------------------------------------- budgets, small files
-def _need(ckpt: Path, golden: Path, **options) -> float:
+def _need(ckpt: Path, golden: Path):
+    """(the memory check's estimate for a short float32 CPU run on `ckpt`, the run's plan)."""
     from wanengine.run import preflight_run
 
-    cfg = EngineConfig(ckpt_dir=str(ckpt), device="cpu", dtype="float32", **options)
+    cfg = EngineConfig(ckpt_dir=str(ckpt), device="cpu", dtype="float32")
     opts = GenerationOptions(prompt="p", max_area=64 * 64, frame_num=1, steps=2, seed=1)
     plan = preflight_run(cfg, opts, golden / "input.png", ckpt.parent / "clip.mp4", None, ignore_memory_check=True)
     layout = preflight_checkpoint(ckpt)
@@ -176,27 +176,14 @@ def test_a_budget_between_the_8bit_and_the_full_size_need(tmp_path, golden, gold
 @pytest.fixture(scope="module")
 def full_size(tmp_path_factory, golden_ckpt):
     """14B-shaped sparse checkpoints (headers only): bf16, and LightX2V int8 block linears."""
-    import shutil
-
-    from wanengine.models.dit import DiTConfig, WanDiT
-
-    dims = constants()["i2v_a14b_dit"]
-    with torch.device("meta"):
-        model = WanDiT(DiTConfig(**{k: dims[k] for k in ("dim", "ffn_dim", "freq_dim", "in_dim", "out_dim",
-                                                         "num_heads", "num_layers", "text_len", "eps")}))
-    shapes = {name: tuple(t.shape) for name, t in model.state_dict(keep_vars=True).items()}
+    shapes = full_size_shapes()
     linears = [n for n in shapes if DIT_LINEAR.fullmatch(n)]
     int8_shapes = {**shapes, **{n.replace(".weight", ".weight_scale"): (shapes[n][0], 1) for n in linears}}
     int8_dtypes = {**{n: "I8" for n in linears}, **{n.replace(".weight", ".weight_scale"): "F32" for n in linears}}
     roots = {}
-    for kind, layout in (("bf16", (shapes, None)), ("int8", (int8_shapes, int8_dtypes))):
-        root = tmp_path_factory.mktemp(kind) / "Wan2.2-I2V-A14B"
-        for expert in EXPERTS:
-            _write_sparse_expert(root / expert, layout[0], dtypes=layout[1])
-        shutil.copytree(golden_ckpt / "google", root / "google")
-        for name in ("models_t5_umt5-xxl-enc-bf16.pth", "Wan2.1_VAE.pth"):
-            (root / name).symlink_to(golden_ckpt / name)
-        roots[kind] = root
+    for kind, (kind_shapes, dtypes) in (("bf16", (shapes, None)), ("int8", (int8_shapes, int8_dtypes))):
+        roots[kind] = tmp_path_factory.mktemp(kind) / "Wan2.2-I2V-A14B"
+        write_sparse_checkpoint(roots[kind], golden_ckpt, kind_shapes, dtypes)
     return roots
 
 

@@ -49,21 +49,32 @@ def _write_sparse_expert(expert_dir, shapes, shards: int = 6, dtypes=None) -> in
     return total
 
 
-def test_preflight_of_a_14b_layout_is_fast(golden_ckpt, tmp_path):
+def full_size_shapes() -> dict:
+    """name -> shape of every tensor of an expert with the release's dims (built on meta)."""
     from wanengine.models.dit import DiTConfig, WanDiT
 
     cfg = constants()["i2v_a14b_dit"]
     with torch.device("meta"):
         model = WanDiT(DiTConfig(**{k: cfg[k] for k in ("dim", "ffn_dim", "freq_dim", "in_dim", "out_dim",
                                                         "num_heads", "num_layers", "text_len", "eps")}))
-    shapes = {name: tuple(t.shape) for name, t in model.state_dict(keep_vars=True).items()}
-    root = tmp_path / "Wan2.2-I2V-A14B"
+    return {name: tuple(t.shape) for name, t in model.state_dict(keep_vars=True).items()}
+
+
+def write_sparse_checkpoint(root, golden_ckpt, shapes, dtypes=None) -> int:
+    """A released-layout checkpoint at `root`: both experts sparse (`_write_sparse_expert`), the
+    golden tokenizer, T5 and VAE beside them; returns one expert's bytes on disk."""
     for expert in ("high_noise_model", "low_noise_model"):
-        total = _write_sparse_expert(root / expert, shapes)
-    assert total > 28e9  # the real expert's bf16 size
+        total = _write_sparse_expert(root / expert, shapes, dtypes=dtypes)
     shutil.copytree(golden_ckpt / "google", root / "google")
     for name in ("models_t5_umt5-xxl-enc-bf16.pth", "Wan2.1_VAE.pth"):
         (root / name).symlink_to(golden_ckpt / name)
+    return total
+
+
+def test_preflight_of_a_14b_layout_is_fast(golden_ckpt, tmp_path):
+    root = tmp_path / "Wan2.2-I2V-A14B"
+    total = write_sparse_checkpoint(root, golden_ckpt, full_size_shapes())
+    assert total > 28e9  # the real expert's bf16 size
     start = time.perf_counter()
     preflight_checkpoint(root)
     elapsed = time.perf_counter() - start
