@@ -51,6 +51,7 @@ def _wait(client, job_id: str, timeout: float = 120.0) -> dict:
         time.sleep(0.05)
 
 
+@pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
 def test_a_step_count_other_than_the_mag_tables_is_refused_at_submission(golden_ckpt, tmp_path):
     from wanengine.engine import Engine
 

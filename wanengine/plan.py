@@ -295,7 +295,7 @@ def make_plan(size: Optional[str] = "1280*720", frame_num: int = 81, steps: int 
         assumptions += (f"efficiency {eff:.2f}: {eff_source}",)
     if weights or t5_weights:
         assumptions += ("8-bit weights: block linears at 1 byte + a float32 scale per output row, the rest at the "
-                        "run dtype; FLOP and time as for the run dtype (an 8-bit GEMM is not modelled), and a layer "
+                        "run dtype (the DiT's modulation and time MLPs in float32); FLOP and time as for the run dtype (an 8-bit GEMM is not modelled), and a layer "
                         "dequantized just before its matmul adds one transient weight (<= 0.14 GB in bf16)",)
     if held_weights is not None:
         assumptions += ("weights: the bytes the loader allocates for this checkpoint, from its headers (8-bit "

@@ -221,10 +221,12 @@ def check_for_engine(opts: GenerationOptions, engine: Any) -> None:
         field = "denoising_steps" if opts.denoising_steps is not None else "sample_steps"
         raise RequestError(422, f"{field}: {opts.steps} steps, but this server's mag-cache table (--cache-table) "
                                 f"was recorded for {table.steps}; send {table.steps} steps")
+    from ..errors import ConfigError
+    from ..pipeline import guidance_off, needs_unconditional
+
     check_guidance = getattr(engine, "check_guidance", None)
-    if check_guidance is not None:
-        from ..errors import ConfigError
-        from ..pipeline import needs_unconditional
+    if check_guidance is not None and any(guidance_off(scale) for scale in opts.guidance):
+        # only then can a step lack the unconditional branch (the sampler is built just for this)
         from ..schedulers import make_sampler
 
         timesteps = make_sampler(opts.solver, opts.steps, opts.shift, step_list=opts.denoising_steps).timesteps
