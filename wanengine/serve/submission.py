@@ -154,8 +154,7 @@ def decode_image(value: Any, max_pixels: int = MAX_IMAGE_PIXELS):
     if width * height > max_pixels:
         raise RequestError(413, f"image: {width}x{height} is {width * height} pixels, over the limit of {max_pixels}")
     try:
-        handle.load()
-        return open_image(handle)
+        return open_image(data)  # the library's bounded decoder, EXIF orientation included
     except UserInputError as exc:
         raise RequestError(400, field_message(exc)) from None
     except (OSError, SyntaxError, ValueError) as exc:
