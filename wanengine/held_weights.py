@@ -66,8 +66,8 @@ def load_dtypes(cfg) -> Tuple[Any, Any, Any]:
     from .device import resolve_dtype
     from .quant.schemes import resolve_quant_dtype
 
-    quantize = resolve_quant_dtype(cfg.quantize, "--quantize") if cfg.quantize else None
-    quantize_t5 = resolve_quant_dtype(cfg.quantize_t5, "--quantize-t5") if cfg.quantize_t5 else None
+    quantize = resolve_quant_dtype(cfg.quantize, "quantize") if cfg.quantize else None
+    quantize_t5 = resolve_quant_dtype(cfg.quantize_t5, "quantize_t5") if cfg.quantize_t5 else None
     return resolve_dtype(cfg.dtype), quantize, quantize_t5
 
 
