@@ -182,7 +182,7 @@ def test_cli_refuses_cfg_size_2_with_guidance_off_before_loading(golden, golden_
                   "--preset", "distill-4step", "--cfg-size", "2", "--device", "cpu", "--out", str(out)])
     assert info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "nothing to split: use --ulysses-size" in err[0] and not out.exists()
+    assert len(err) == 1 and "nothing to split; use --ulysses-size" in err[0] and not out.exists()
 
 
 # --------------------------------------------------------------------------- plan

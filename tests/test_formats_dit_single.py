@@ -71,9 +71,9 @@ def test_width_not_a_multiple_of_128_asks_for_a_config_file(tmp_path):
         shapes = expected_shapes(WanDiT(config))
     path = tmp_path / "odd.safetensors"
     save_file({n: torch.zeros(s) for n, s in shapes.items()}, str(path))
-    with pytest.raises(CheckpointError, match="--dit-config") as info:
+    with pytest.raises(CheckpointError, match="as dit_config$") as info:
         inspect_expert(path)
-    assert str(path) in str(info.value)
+    assert str(path) in str(info.value) and info.value.cli_message.endswith("as --dit-config")
     (tmp_path / "odd.json").write_text(json.dumps({"model_type": "i2v", "dim": 192, "ffn_dim": 256, "freq_dim": 256,
                                                    "in_dim": 36, "out_dim": 16, "num_heads": 2, "num_layers": 1}))
     assert inspect_expert(path, config_file=tmp_path / "odd.json").config == config

@@ -57,7 +57,7 @@ def test_tiling_neighbours_and_boxes_on_a_2x2_grid() -> None:
 
 def test_layout_mismatch_is_one_config_error_before_any_group(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WORLD_SIZE", "3")
-    with pytest.raises(ConfigError, match="--cfg-size 2 x --ulysses-size 2 = 4 ranks, but the job has 3"):
+    with pytest.raises(ConfigError, match="cfg_size=2 x ulysses_size=2 = 4 ranks, but the job has 3"):
         init_parallel(2, 2, "cpu")
 
 
@@ -77,5 +77,5 @@ def test_sharded_experts_cannot_be_offloaded(golden_ckpt):
     from wanengine.parallel.engine import ParallelEngine
 
     cfg = EngineConfig(ckpt_dir=str(golden_ckpt), device="cpu", dit_fsdp=True, offload_model=True)
-    with pytest.raises(ConfigError, match="--dit-fsdp with --offload-model"):
+    with pytest.raises(ConfigError, match="dit_fsdp=True with offload_model=True"):
         ParallelEngine(cfg)  # refused before any process group or weight

@@ -12,11 +12,17 @@ import torch
 
 from wanengine.constants import constants
 from wanengine.errors import ConfigError
+from wanengine.param_counts import count_dit_float32_params
 from wanengine.plan import (DEVICE_PRESETS, GB, block_flops, count_dit_params, count_t5_params, count_vae_params,
                             format_plan, forward_flops, make_plan)
 
 DIT = constants()["i2v_a14b_dit"]
 D, FFN = DIT["dim"], DIT["ffn_dim"]
+
+
+def bf16_expert_bytes() -> int:
+    """One expert as the loader holds it in bf16: 2 bytes a parameter, 4 for the float32-kept ones."""
+    return count_dit_params(**DIT)[0] * 2 + count_dit_float32_params(**DIT)[0] * 2
 
 
 def close(value: float, expected: float, rel: float = 0.01) -> bool:
@@ -79,6 +85,22 @@ def test_parameter_counts_of_the_full_size_models():
     assert plan.dit_params_per_expert == total
 
 
+def test_float32_kept_parameter_counts_match_the_model():
+    """The tensors the DiT loader keeps in float32 (FLOAT32_PARAMS), counted from the dims, equal
+    those of the model built on the meta device: plan's bf16 expert is 28.95 GB, not 2 x params."""
+    from wanengine.models.dit import DiTConfig, WanDiT
+    from wanengine.models.dit_loading import FLOAT32_PARAMS
+
+    with torch.device("meta"):
+        model = WanDiT(DiTConfig(**{k: DIT[k] for k in ("dim", "ffn_dim", "freq_dim", "in_dim", "out_dim",
+                                                        "num_heads", "num_layers", "text_len", "eps")}))
+    kept = [(n, p.numel()) for n, p in model.named_parameters() if any(k in n for k in FLOAT32_PARAMS)]
+    total, block = count_dit_float32_params(**DIT)
+    assert total == sum(numel for _, numel in kept)
+    assert block == sum(numel for name, numel in kept if name.startswith("blocks.0."))
+    assert make_plan().dit_bytes_per_expert == bf16_expert_bytes() and close(bf16_expert_bytes(), 28.95e9, 1e-3)
+
+
 def _numel_safetensors(paths) -> int:
     from safetensors import safe_open
     count = 0
@@ -134,7 +156,7 @@ def _row(plan, prefix):
 
 
 def test_memory_weights_by_offload_fsdp_and_t5_placement():
-    expert = count_dit_params(**DIT)[0] * 2  # bf16 bytes
+    expert = bf16_expert_bytes()
     t5 = count_t5_params(**constants()["umt5_xxl_encoder"]) * 2
     one = make_plan(offload=True)
     assert _row(one, "DiT weights")[3] == expert and _row(one, "DiT weights")[1] == 0  # host outside the loop
@@ -146,9 +168,9 @@ def test_memory_weights_by_offload_fsdp_and_t5_placement():
     assert not fsdp.offload  # the engine's default for several devices
     assert _row(fsdp, "DiT weights")[3] == 2 * expert / 8
     assert _row(fsdp, "T5 weights")[1] == t5 / 8
-    assert _row(fsdp, "DiT FSDP gather")[3] == 2 * count_dit_params(**DIT)[1] * 2
+    assert _row(fsdp, "DiT FSDP gather")[3] == 2 * (count_dit_params(**DIT)[1] + 6 * D) * 2  # modulation float32
     assert not any(row[0].startswith("T5") for row in make_plan(t5_cpu=True).memory.rows)  # all on the host
-    assert _row(make_plan(dtype="float32"), "DiT weights")[3] == 2 * expert
+    assert _row(make_plan(dtype="float32"), "DiT weights")[3] == count_dit_params(**DIT)[0] * 4
 
 
 def test_memory_activations_and_vae_split():
@@ -296,7 +318,7 @@ def test_efficiency_defaults_per_device_with_their_source():
 
 
 def test_host_memory_of_offloaded_weights():
-    expert = count_dit_params(**DIT)[0] * 2
+    expert = bf16_expert_bytes()
     t5 = count_t5_params(**constants()["umt5_xxl_encoder"]) * 2
     single = make_plan(device="h200")  # offload: both experts' host copies and T5 stay in RAM
     assert single.host_bytes_per_rank == 2 * expert + t5 and "host memory" in format_plan(single)

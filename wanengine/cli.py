@@ -88,22 +88,9 @@ def fail(message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
-# Library argument names whose CLI flag is not "--" + the name in kebab case (errors name the
-# argument, see errors.InvalidArgument; the CLI prints the flag the user typed).
-ARGUMENT_FLAGS = {"steps": "--sample-steps", "shift": "--sample-shift", "solver": "--sample-solver"}
-
-
-def flag_for(argument: str) -> str:
-    return ARGUMENT_FLAGS.get(argument, "--" + argument.replace("_", "-"))
-
-
 def user_message(exc: UserInputError) -> str:
-    """The message of a user error, with a library argument name replaced by its CLI flag."""
-    argument = getattr(exc, "argument", None)
-    detail = getattr(exc, "cli_detail", None) or getattr(exc, "detail", None)
-    if argument and detail is not None:
-        return f"{flag_for(argument)}: {detail}"
-    return str(exc)
+    """The message of a user error in the CLI's words (flags, not library argument names)."""
+    return getattr(exc, "cli_message", None) or str(exc)
 
 
 def handles_errors(command: Callable) -> Callable:
@@ -226,7 +213,7 @@ def i2v(
     quantize: Optional[str] = quantize_option(),
     quantize_t5: Optional[str] = quantize_t5_option(),
     ignore_memory_check: bool = typer.Option(False, "--ignore-memory-check", metavar="", rich_help_panel="Reliability",
-                                             help="Run even if the memory estimate exceeds what the device has."),
+                                             help="Run even if the memory estimate exceeds what the device or host has."),
     step_cache: str = step_cache_option(),
     cache_threshold: Optional[float] = cache_threshold_option(),
     cache_warmup: int = cache_warmup_option(),

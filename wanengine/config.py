@@ -94,9 +94,9 @@ class EngineConfig:
     def validate(self) -> "EngineConfig":
         if not self.ckpt_dir and not all(self.component_overrides().values()):
             lacking = [name for name, value in self.component_overrides().items() if not value]
-            detail = "no checkpoint directory given, and no {} to take those components from"
-            raise InvalidArgument("ckpt_dir", detail.format(", ".join(lacking)),
-                                  cli_detail=detail.format(", ".join("--" + n.replace("_", "-") for n in lacking)))
+            raise InvalidArgument.for_argument("ckpt_dir", lambda words: (
+                f"no checkpoint directory given, and no {', '.join(map(words.name, lacking))} to take those "
+                "components from"))
         for name in ("dtype", "vae_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise InvalidArgument(name, f"{getattr(self, name)!r} is not one of {', '.join(DTYPES)}")
@@ -225,10 +225,10 @@ class GenerationOptions:
             raise InvalidArgument("solver", f"unknown solver {self.solver!r}; choose unipc, dpm++ or euler")
         if self.denoising_steps is not None:
             if self.solver != "euler":
-                raise InvalidArgument("denoising_steps", "only the euler sampler takes an explicit step list, "
-                                      f"not {self.solver!r} (set the solver to euler)",
-                                      cli_detail="only the euler sampler takes an explicit step list, "
-                                                 f"not {self.solver!r} (add --sample-solver euler)")
+                solver = self.solver
+                raise InvalidArgument.for_argument("denoising_steps", lambda words: (
+                    f"only the euler sampler takes an explicit step list, not {solver!r} "
+                    f"(set {words.setting('solver', 'euler')})"))
             check_step_list(self.denoising_steps)
         parse_guide_scale(self.guide_scale)
         return self

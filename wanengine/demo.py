@@ -165,7 +165,7 @@ def run_demo(out: Path, *, cache_dir: Optional[Path] = None, seed: int = 42,
     from .stage_log import StageLog
     from .timing import StageTimer
 
-    out = check_output_path(out)
+    out = check_output_path(out, "out")
     resolved = resolve_device(device)
     dtype = dtype or ("float32" if resolved.type == "cpu" else "bfloat16")
     cfg = EngineConfig(ckpt_dir=".", device=str(resolved), dtype=dtype, progress=progress).validate()
@@ -178,7 +178,7 @@ def run_demo(out: Path, *, cache_dir: Optional[Path] = None, seed: int = 42,
     with timer.stage("prepare checkpoint"):
         ckpt = demo_checkpoint(cache_dir)
     say(f"demo checkpoint: {ckpt}")
-    check_run_outputs({"--out": out}, ckpt_dir=ckpt)
+    check_run_outputs({"out": out}, ckpt_dir=ckpt)
     engine = Engine(replace(cfg, ckpt_dir=str(ckpt)))
     for name, seconds in engine.load_timer.seconds.items():
         timer.add(name, seconds)

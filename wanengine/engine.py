@@ -120,7 +120,7 @@ class Engine:
         from .quant.schemes import resolve_quant_dtype
 
         name = getattr(self.cfg, option)
-        return resolve_quant_dtype(name, f"--{option.replace('_', '-')}") if name else None
+        return resolve_quant_dtype(name, option) if name else None
 
     # ------------------------------------------------------------------ adapters
     def plan_adapters(self):

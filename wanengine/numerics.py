@@ -17,7 +17,7 @@ from .errors import NumericalError
 
 def nonfinite_hint(dtype: str, stage: str) -> str:
     if dtype == "float16":
-        return "float16 overflows in this model; try --dtype bfloat16 (or float32)"
+        return "float16 overflows in this model; use the bfloat16 dtype (or float32)"
     weights = "the VAE weights (Wan2.1_VAE.pth)" if stage.startswith("VAE") else "the checkpoint's weights"
     return (f"in {dtype} this is not an overflow: {weights} or the input probably hold NaN/Inf "
             "(check the files; `wanengine info` lists them)")

@@ -25,6 +25,16 @@ def count_dit_params(dim: int, ffn_dim: int, freq_dim: int, num_layers: int, in_
     return embeddings + num_layers * block + head, block
 
 
+def count_dit_float32_params(dim: int, freq_dim: int, num_layers: int, **_: object) -> Tuple[int, int]:
+    """Parameters the loader keeps in float32 whatever the run dtype (`dit_loading.FLOAT32_PARAMS`:
+    the block and head `modulation` offsets, the time embedding and projection MLPs) -> (total,
+    per block)."""
+    linear = lambda n_in, n_out: n_in * n_out + n_out  # noqa: E731  weight + bias
+    block = 6 * dim                                     # modulation [1, 6, D]
+    time = linear(freq_dim, dim) + linear(dim, dim) + linear(dim, 6 * dim)
+    return num_layers * block + 2 * dim + time, block   # + the head's modulation [1, 2, D]
+
+
 def count_t5_params(vocab_size: int, dim: int, dim_attn: int, dim_ffn: int, num_heads: int, num_layers: int,
                     num_buckets: int, **_: object) -> int:
     """UMT5 encoder parameters from its dims (spec t5.md; no biases, per-block position tables)."""

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 from .config import DTYPES, PATCH, SOLVERS, latent_grid, parse_size
 from .cache.memory import cache_assumption, cache_bytes
 from .constants import constants
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .held_weights import HeldWeights
 
 GB = 1e9
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -173,8 +176,9 @@ class Plan:
     host_bytes_per_rank: float = 0.0  # weights the engine keeps in host RAM beside an accelerator
     weights: Optional[str] = None      # 8-bit expert block linears ("int8" / "fp8"), None: at dtype
     t5_weights: Optional[str] = None   # the same for the text encoder
-    dit_bytes_per_expert: Optional[float] = None  # weight bytes of one expert / the text encoder,
-    t5_bytes: Optional[float] = None              # 8-bit block linears counted at 1 byte + scales
+    dit_bytes_per_expert: Optional[float] = None  # weight bytes of one expert (the larger) / the text
+    t5_bytes: Optional[float] = None              # encoder, 8-bit block linears at 1 byte + scales
+    expert_bytes: Tuple[float, ...] = ()          # each expert's weight bytes (high, low noise)
 
 
 def make_plan(size: Optional[str] = "1280*720", frame_num: int = 81, steps: int = 40, solver: str = "unipc",
@@ -188,7 +192,8 @@ def make_plan(size: Optional[str] = "1280*720", frame_num: int = 81, steps: int 
               image_aspect: Optional[float] = None, placement: Optional[str] = None,
               weights: Optional[str] = None, t5_weights: Optional[str] = None,
               model_sizes: Optional[Dict[str, dict]] = None, step_cache: str = "off",
-              guide_scale: Optional[Tuple[float, float]] = None, shift: float = 5.0) -> Plan:
+              guide_scale: Optional[Tuple[float, float]] = None, shift: float = 5.0,
+              held_weights: Optional["HeldWeights"] = None) -> Plan:
     """Cost of one video. `cfg`: guidance on (cond + uncond forwards each step). `world_size`
     None means cfg_size * ulysses_size. `offload` None means what the engine does: on for
     accelerators (off with `dit_fsdp`, whose shards stay on the devices), off on the CPU.
@@ -201,7 +206,10 @@ def make_plan(size: Optional[str] = "1280*720", frame_num: int = 81, steps: int 
     timesteps at `shift` route the steps to the experts), e.g. 4 forwards for `--preset
     distill-4step`. Invalid combinations raise ConfigError; wasteful ones become `Plan.warnings`.
     `model_sizes` ({"dit"|"t5"|"vae": sizes}) replaces the release's sizes from constants.json
-    (the CLI's memory preflight passes the checkpoint's)."""
+    (the CLI's memory preflight passes the checkpoint's). `held_weights` (`wanengine.
+    held_weights`): the weight bytes the engine will hold for a given checkpoint, from its
+    headers, in place of the ones computed from the sizes (e.g. published 8-bit experts, whose
+    8-bit layers the sizes do not show; the two agree for the layouts the sizes describe)."""
     consts = constants()
     sizes = model_sizes or {}
     dit, t5, vae = ({**consts[key], **sizes.get(name, {})} for name, key in
@@ -265,6 +273,9 @@ def make_plan(size: Optional[str] = "1280*720", frame_num: int = 81, steps: int 
     sizes = dict(geometry=geometry, dit=dit, dit_params=dit_params, block_params=block_params, t5=t5,
                  t5_params=t5_params, vae_params=vae_params, vae_dim=vae["dim"], encoder=encoder, decoder=decoder)
     sizes.update(_weight_sizes(dtype, weights, t5_weights, dit, dit_params, block_params, t5, t5_params))
+    if held_weights is not None:
+        sizes.update(expert_bytes=tuple(float(b) for b in held_weights.experts),
+                     block_bytes=float(held_weights.largest_block), t5_bytes=float(held_weights.t5))
     capacity = capacity_gb * GB if capacity_gb is not None else None
     memory = _memory(offload=offload, capacity=capacity, **layout, **sizes)
 
@@ -284,11 +295,14 @@ def make_plan(size: Optional[str] = "1280*720", frame_num: int = 81, steps: int 
         assumptions += (f"efficiency {eff:.2f}: {eff_source}",)
     if weights or t5_weights:
         assumptions += ("8-bit weights: block linears at 1 byte + a float32 scale per output row, the rest at the "
-                        "run dtype; FLOP and time as for the run dtype (an 8-bit GEMM is not modelled), and a layer "
+                        "run dtype (the DiT's modulation and time MLPs in float32); FLOP and time as for the run dtype (an 8-bit GEMM is not modelled), and a layer "
                         "dequantized just before its matmul adds one transient weight (<= 0.14 GB in bf16)",)
+    if held_weights is not None:
+        assumptions += ("weights: the bytes the loader allocates for this checkpoint, from its headers (8-bit "
+                        "layers at 1 byte + a float32 scale per output row, float32-kept DiT tensors at 4 bytes)",)
     if step_cache != "off":
         assumptions += (cache_assumption(step_cache),)
-    host = _host_bytes(kind, offload, t5_cpu, t5_fsdp, sizes["dit_bytes"], sizes["t5_bytes"])
+    host = _host_bytes(kind, offload, t5_cpu, t5_fsdp, sizes["expert_bytes"], sizes["t5_bytes"])
     plan = Plan(host_bytes_per_rank=host,
                 size=f"{geometry.width}*{geometry.height}", frame_num=frame_num, steps=steps, solver=solver, cfg=cfg,
                 world_size=world, ulysses_size=ulysses_size, cfg_size=cfg_size, dit_fsdp=dit_fsdp, t5_fsdp=t5_fsdp,
@@ -297,21 +311,22 @@ def make_plan(size: Optional[str] = "1280*720", frame_num: int = 81, steps: int 
                 dit_params_per_expert=dit_params, t5_params=t5_params, vae_params=vae_params, geometry=geometry,
                 flops=flops, memory=memory, timing=timing, warnings=(), assumptions=assumptions, placement=kind,
                 efficiency_source=eff_source, weights=weights, t5_weights=t5_weights,
-                dit_bytes_per_expert=sizes["dit_bytes"], t5_bytes=sizes["t5_bytes"])
+                dit_bytes_per_expert=max(sizes["expert_bytes"]), t5_bytes=sizes["t5_bytes"],
+                expert_bytes=sizes["expert_bytes"])
     requested = parse_size(size) if size is not None and image_aspect is None and max_area is None else None
     without_offload = _memory(offload=False, capacity=capacity, **layout, **sizes) if offload else None
     return replace(plan, warnings=tuple(_warnings(plan, requested, preset, without_offload)))
 
 
-def _host_bytes(kind: str, offload: bool, t5_cpu: bool, t5_fsdp: bool, dit_bytes: float,
+def _host_bytes(kind: str, offload: bool, t5_cpu: bool, t5_fsdp: bool, expert_bytes: Tuple[float, ...],
                 t5_bytes: float) -> float:
     """Weights one rank keeps in host memory next to an accelerator: with offload the host copies
-    of both experts (`dit_bytes` each) stay for the whole run (moving one off the device only
+    of both experts (`expert_bytes`) stay for the whole run (moving one off the device only
     drops its device tensors), and the text encoder lives there with offload or `t5_cpu`
     (unless sharded)."""
     if kind == "cpu":
         return 0.0  # the device is the host: already in the memory table
-    experts = 2 * dit_bytes if offload else 0.0
+    experts = sum(expert_bytes) if offload else 0.0
     text = t5_bytes if (offload or t5_cpu) and not t5_fsdp else 0.0
     return experts + text
 
@@ -401,12 +416,14 @@ def _step_branches(solver: str, steps: int, shift: float, guide_scale: Optional[
 def _memory(*, offload: bool, capacity: Optional[float], dtype: str, world: int, ulysses: int, cfg: bool,
             cfg_size: int, dit_fsdp: bool, t5_fsdp: bool, t5_cpu: bool, cfg_batch: bool, vae_parallel: bool,
             geometry: Geometry, dit: dict, dit_params: int, block_params: int, t5: dict, t5_params: int,
-            vae_params: int, vae_dim: int, encoder: VaeTally, decoder: VaeTally, dit_bytes: float,
+            vae_params: int, vae_dim: int, encoder: VaeTally, decoder: VaeTally, expert_bytes: Tuple[float, ...],
             block_bytes: float, t5_bytes: float, step_cache: str = "off") -> Memory:
-    """Per-device bytes in the four phases of a run: text encoding, VAE encode, denoising, decode."""
+    """Per-device bytes in the four phases of a run: text encoding, VAE encode, denoising, decode.
+    With offload one expert is on the device at a time (the larger counts), else both."""
     width = DTYPE_BYTES[dtype]
-    experts = 1 if offload else 2
-    dit_weights = experts * dit_bytes / (world if dit_fsdp else 1)
+    experts = 1 if offload else len(expert_bytes)
+    resident = max(expert_bytes) if offload else sum(expert_bytes)
+    dit_weights = resident / (world if dit_fsdp else 1)
     gather = 2 * block_bytes if dit_fsdp and world > 1 else 0.0  # current + prefetched block
     dit_idle = 0.0 if offload else dit_weights  # offloaded experts live on the host outside the loop
     t5_weights = 0.0 if t5_cpu else t5_bytes / (world if t5_fsdp else 1)
@@ -457,15 +474,19 @@ PHASES = ("text", "encode", "denoise", "decode")
 
 def _weight_sizes(dtype: str, weights: Optional[str], t5_weights: Optional[str], dit: dict, dit_params: int,
                   block_params: int, t5: dict, t5_params: int) -> Dict[str, float]:
-    """Bytes of one expert, one of its blocks and the text encoder, 8-bit block linears if asked."""
+    """Bytes of each expert, one of its blocks and the text encoder as the loader holds them:
+    8-bit block linears if asked, the DiT's float32-kept tensors at 4 bytes."""
+    from .param_counts import count_dit_float32_params
     from .quant.sizes import check_weights, dit_block_linears, t5_block_linears, weight_bytes
 
     check_weights(weights, "--weights")
     check_weights(t5_weights, "--t5-weights")
     width = DTYPE_BYTES[dtype]
     dit_linears, t5_linears = dit_block_linears(**dit), t5_block_linears(**t5)
-    return {"dit_bytes": weight_bytes(dit_params, dit["num_layers"], dit_linears, width, weights),
-            "block_bytes": weight_bytes(block_params, 1, dit_linears, width, weights),
+    float32_params, block_float32 = count_dit_float32_params(**dit)
+    expert = weight_bytes(dit_params, dit["num_layers"], dit_linears, width, weights, float32_params)
+    return {"expert_bytes": (expert, expert),
+            "block_bytes": weight_bytes(block_params, 1, dit_linears, width, weights, block_float32),
             "t5_bytes": weight_bytes(t5_params, t5["num_layers"], t5_linears, width, t5_weights)}
 
 

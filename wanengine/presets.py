@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Mapping
 
-from .errors import ConfigError
+from .errors import InvalidArgument
 
 # Values keyed by `GenerationOptions` field names (also `Engine.i2v` keyword names).
 PRESETS: Dict[str, Dict[str, Any]] = {
@@ -20,7 +20,7 @@ def preset_values(name: str) -> Dict[str, Any]:
     """The options preset `name` sets, e.g. `engine.i2v(img, prompt, **preset_values("distill-4step"))`."""
     key = name.strip().lower()
     if key not in PRESETS:
-        raise ConfigError(f"--preset: unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        raise InvalidArgument("preset", f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     return dict(PRESETS[key])
 
 

@@ -65,9 +65,9 @@ def check_fewstep_run(cfg: EngineConfig, opts: GenerationOptions, layout) -> Non
     plan_checkpoint_adapters(cfg.loras, layout)
     timesteps = make_sampler(opts.solver, opts.steps, opts.shift, step_list=opts.denoising_steps).timesteps
     if cfg.cfg_size == 2 and not needs_unconditional(timesteps.tolist(), opts.guidance):
-        from .parallel.engine import NOTHING_TO_SPLIT
+        from .parallel.engine import nothing_to_split
 
-        raise ConfigError(NOTHING_TO_SPLIT)
+        raise nothing_to_split()
 
 
 def default_output_name(opts: GenerationOptions, frame_size: tuple) -> Path:
@@ -124,10 +124,10 @@ def preflight_run(cfg: EngineConfig, opts: GenerationOptions, image_path, out: O
             opts = opts.with_seed(random.randint(0, 2**31 - 1))
         frame_size = (8 * lat_w, 8 * lat_h)
         check_frame_size(*frame_size)
-        out = check_output_path(out if out is not None else default_output_name(opts, frame_size))
+        out = check_output_path(out if out is not None else default_output_name(opts, frame_size), "out")
         if metrics_json is not None:
-            metrics_json = check_output_file(metrics_json, "--metrics-json")
-        outputs = {"--out": out, **({"--metrics-json": metrics_json} if metrics_json is not None else {})}
+            metrics_json = check_output_file(metrics_json, "metrics_json")
+        outputs = {"out": out, **({"metrics_json": metrics_json} if metrics_json is not None else {})}
         check_run_outputs(outputs, image=image_path, ckpt_dir=cfg.ckpt_dir,
                           reads=[part.path for part in layout.components.values()])
         if not ignore_memory_check:

@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from typing import Iterable, List, Sequence, Tuple
 
-from ..errors import ConfigError
+from ..errors import InvalidArgument
 
 EXPERT_CHOICES = ("high", "low", "both")
 EXPERT_DIRS = {"high": ("high_noise_model",), "low": ("low_noise_model",),
@@ -23,14 +23,14 @@ class LoraSpec:
     strength: float = 1.0
     expert: str = "both"
 
-    def validate(self, flag: str = "loras") -> "LoraSpec":
+    def validate(self, argument: str = "loras") -> "LoraSpec":
         if self.expert not in EXPERT_CHOICES:
-            raise ConfigError(f"{flag}: expert {self.expert!r} is not one of {', '.join(EXPERT_CHOICES)}")
+            raise InvalidArgument(argument, f"expert {self.expert!r} is not one of {', '.join(EXPERT_CHOICES)}")
         if isinstance(self.strength, bool) or not isinstance(self.strength, (int, float)) \
                 or not math.isfinite(self.strength):
-            raise ConfigError(f"{flag}: {self.path}: strength must be a finite number, got {self.strength!r}")
+            raise InvalidArgument(argument, f"{self.path}: strength must be a finite number, got {self.strength!r}")
         if not os.fspath(self.path):
-            raise ConfigError(f"{flag}: empty adapter path")
+            raise InvalidArgument(argument, "empty adapter path")
         return self
 
     @property
@@ -39,7 +39,7 @@ class LoraSpec:
         return EXPERT_DIRS[self.expert]
 
 
-def parse_lora_flag(value: str, expert: str, flag: str) -> LoraSpec:
+def parse_lora_flag(value: str, expert: str, argument: str) -> LoraSpec:
     """`PATH[:STRENGTH]` -> LoraSpec. The strength is the text after the LAST colon when it is
     a number (so `C:\\x.safetensors` and `a:b.safetensors` stay paths)."""
     path, strength = value, 1.0
@@ -50,20 +50,20 @@ def parse_lora_flag(value: str, expert: str, flag: str) -> LoraSpec:
             path = head
         except ValueError:
             pass
-    return LoraSpec(path=path, strength=strength, expert=expert).validate(flag)
+    return LoraSpec(path=path, strength=strength, expert=expert).validate(argument)
 
 
 def lora_specs_from_flags(both: Iterable[str] = (), high: Iterable[str] = (), low: Iterable[str] = ()) -> List[LoraSpec]:
     """The adapters of `--lora` (both experts), `--lora-high` and `--lora-low`, in that order."""
-    return ([parse_lora_flag(v, "both", "--lora") for v in both]
-            + [parse_lora_flag(v, "high", "--lora-high") for v in high]
-            + [parse_lora_flag(v, "low", "--lora-low") for v in low])
+    return ([parse_lora_flag(v, "both", "lora") for v in both]
+            + [parse_lora_flag(v, "high", "lora_high") for v in high]
+            + [parse_lora_flag(v, "low", "lora_low") for v in low])
 
 
 def validate_specs(specs: Sequence[LoraSpec]) -> Tuple[LoraSpec, ...]:
     out = []
     for spec in specs:
         if not isinstance(spec, LoraSpec):
-            raise ConfigError(f"loras: expected LoraSpec entries, got {type(spec).__name__}")
+            raise InvalidArgument("loras", f"expected LoraSpec entries, got {type(spec).__name__}")
         out.append(spec.validate())
     return tuple(out)

@@ -8,7 +8,7 @@ tensor is 0.77 GB.
 """
 from __future__ import annotations
 
-from ..errors import ConfigError
+from ..errors import InvalidArgument
 
 TENSORS_PER_BRANCH = {"off": 0, "first-block": 2, "mag": 1}
 
@@ -16,7 +16,7 @@ TENSORS_PER_BRANCH = {"off": 0, "first-block": 2, "mag": 1}
 def cache_bytes(policy: str, tokens_per_rank: int, dim: int, dtype_bytes: int, branches: int) -> float:
     """Bytes of saved residuals on one device for `branches` guidance branches."""
     if policy not in TENSORS_PER_BRANCH:
-        raise ConfigError(f"--step-cache: unknown policy {policy!r}; choose one of {', '.join(TENSORS_PER_BRANCH)}")
+        raise InvalidArgument("step_cache", f"unknown policy {policy!r}; choose one of {', '.join(TENSORS_PER_BRANCH)}")
     return float(TENSORS_PER_BRANCH[policy] * branches * tokens_per_rank * dim * dtype_bytes)
 
 

@@ -1,7 +1,7 @@
 """Step-cache options and their validation, without importing torch (`config.py` calls
 `validate_cache_options` from `EngineConfig.validate`).
 
-Every problem is one `ConfigError` line naming the flag (and the `EngineConfig` field).
+Every problem is one `InvalidArgument` naming the `EngineConfig` field (the CLI prints the flag).
 """
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from ..errors import ConfigError
+from ..errors import InvalidArgument
 
 POLICIES = ("off", "first-block", "mag")
 RECORD = "record"  # internal policy of `wanengine calibrate-cache`: never skips, records the mag table
@@ -38,35 +38,38 @@ def validate_cache_options(cfg: Any) -> None:
     """Check the step-cache fields of an `EngineConfig` (duck-typed to keep this torch-free)."""
     policy, threshold = cfg.step_cache, cfg.cache_threshold
     if policy not in POLICIES:
-        raise ConfigError(f"step_cache (--step-cache): unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+        raise InvalidArgument("step_cache", f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
     if policy == "off":
-        for field, flag, value in (("cache_threshold", "--cache-threshold", threshold),
-                                   ("cache_max_skips", "--cache-max-skips", cfg.cache_max_skips),
-                                   ("cache_table", "--cache-table", cfg.cache_table)):
+        for field, value in (("cache_threshold", threshold), ("cache_max_skips", cfg.cache_max_skips),
+                             ("cache_table", cfg.cache_table)):
             if value is not None:
-                raise ConfigError(f"{field} ({flag}): only used by a step cache; add --step-cache first-block or mag")
+                raise InvalidArgument.for_argument(field, lambda words: (
+                    f"only used by a step cache; set {words.setting('step_cache', 'first-block')} or "
+                    f"{words.setting('step_cache', 'mag')}"))
         return
     if threshold is None:
-        raise ConfigError(f"cache_threshold (--cache-threshold): required with --step-cache {policy} "
-                          "(0 never skips; the README gives starting values)")
+        raise InvalidArgument.for_argument("cache_threshold", lambda words: (
+            f"required with {words.setting('step_cache', policy)} (0 never skips; the README gives starting values)"))
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold) \
             or threshold < 0:
-        raise ConfigError(f"cache_threshold (--cache-threshold): must be a finite number >= 0, got {threshold!r}")
+        raise InvalidArgument("cache_threshold", f"must be a finite number >= 0, got {threshold!r}")
     warmup = cfg.cache_warmup
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise ConfigError(f"cache_warmup (--cache-warmup): must be an integer >= 0, got {warmup!r}")
+        raise InvalidArgument("cache_warmup", f"must be an integer >= 0, got {warmup!r}")
     skips = cfg.cache_max_skips
     if skips is not None and (isinstance(skips, bool) or not isinstance(skips, int) or skips < 1):
-        raise ConfigError(f"cache_max_skips (--cache-max-skips): must be an integer >= 1, got {skips!r}")
+        raise InvalidArgument("cache_max_skips", f"must be an integer >= 1, got {skips!r}")
     if policy == "mag" and not cfg.cache_table:
-        raise ConfigError("cache_table (--cache-table): --step-cache mag needs a table "
-                          "(record one with `wanengine calibrate-cache`)")
+        raise InvalidArgument.for_argument("cache_table", lambda words: (
+            f"{words.setting('step_cache', 'mag')} needs a table (record one with `wanengine calibrate-cache`)"))
     if policy != "mag" and cfg.cache_table:
-        raise ConfigError(f"cache_table (--cache-table): only used by --step-cache mag, not {policy}")
+        raise InvalidArgument.for_argument("cache_table", lambda words: (
+            f"only used by {words.setting('step_cache', 'mag')}, not {policy}"))
     if not cfg.cfg_batch and cfg.cfg_size == 1:
-        raise ConfigError(f"step_cache (--step-cache {policy}): the cache decides once per step for both guidance "
-                          "branches, so they must run in one forward (batched CFG, the default) or on two "
-                          "groups (--cfg-size 2); drop cfg_batch=False")
+        raise InvalidArgument.for_argument("step_cache", lambda words: (
+            f"the cache decides once per step for both guidance branches, so they must run in one forward "
+            f"(batched CFG, the default) or on two groups ({words.setting('cfg_size', 2)}); drop "
+            f"{words.setting('cfg_batch', False)}"))
 
 
 def settings_from_config(cfg: Any) -> Optional[CacheSettings]:

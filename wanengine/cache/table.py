@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
-from ..errors import ConfigError
+from ..errors import InvalidArgument
 
 FORMAT = "wanengine-mag-cache-table"
 VERSION = 1
@@ -51,9 +51,9 @@ class MagTable:
 
     def check_steps(self, steps: int) -> None:
         if steps != self.steps:
-            raise ConfigError(f"--cache-table {self.source}: recorded for {self.steps} steps, but this run has "
-                              f"{steps} (--sample-steps); record a table for {steps} steps with "
-                              "`wanengine calibrate-cache --sample-steps ...`")
+            raise InvalidArgument.for_argument("cache_table", lambda words: (
+                f"{self.source}: recorded for {self.steps} steps, but this run has {steps} ({words.name('steps')}); "
+                f"record a table for {steps} steps with `wanengine calibrate-cache --sample-steps {steps}`"))
 
     def to_json(self) -> Dict[str, Any]:
         return {"format": FORMAT, "version": VERSION, "steps": self.steps, "ratios": self.ratios, "info": self.info}
@@ -64,31 +64,31 @@ def empty_ratios(steps: int) -> Ratios:
 
 
 def load_table(path: Union[str, "os.PathLike[str]"]) -> MagTable:
-    """Read and check a table file; every problem is one ConfigError naming the file."""
+    """Read and check a table file; every problem is one InvalidArgument (`cache_table`) naming the file."""
     source = os.fspath(path)
-    where = f"--cache-table {source}"
+    where = source
     if not os.path.isfile(source):
-        raise ConfigError(f"{where}: file not found")
+        raise InvalidArgument("cache_table", f"{where}: file not found")
     try:
         raw = json.loads(Path(source).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{where}: not a readable JSON file: {exc}") from None
+        raise InvalidArgument("cache_table", f"{where}: not a readable JSON file: {exc}") from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-        raise ConfigError(f"{where}: not a mag-cache table (expected \"format\": \"{FORMAT}\"; "
+        raise InvalidArgument("cache_table", f"{where}: not a mag-cache table (expected \"format\": \"{FORMAT}\"; "
                           "record one with `wanengine calibrate-cache`)")
     if raw.get("version") != VERSION:
-        raise ConfigError(f"{where}: table version {raw.get('version')!r} is not supported (expected {VERSION})")
+        raise InvalidArgument("cache_table", f"{where}: table version {raw.get('version')!r} is not supported (expected {VERSION})")
     steps = raw.get("steps")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ConfigError(f"{where}: \"steps\" must be a positive integer, got {steps!r}")
+        raise InvalidArgument("cache_table", f"{where}: \"steps\" must be a positive integer, got {steps!r}")
     ratios = raw.get("ratios")
     if not isinstance(ratios, dict) or set(ratios) != set(EXPERT_NAMES):
-        raise ConfigError(f"{where}: \"ratios\" must have exactly the experts {', '.join(EXPERT_NAMES)}")
+        raise InvalidArgument("cache_table", f"{where}: \"ratios\" must have exactly the experts {', '.join(EXPERT_NAMES)}")
     checked: Ratios = {}
     for expert in EXPERT_NAMES:
         branches = ratios[expert]
         if not isinstance(branches, dict) or not set(branches) <= set(BRANCHES) or not branches:
-            raise ConfigError(f"{where}: ratios.{expert} must map {' and/or '.join(BRANCHES)} to lists")
+            raise InvalidArgument("cache_table", f"{where}: ratios.{expert} must map {' and/or '.join(BRANCHES)} to lists")
         checked[expert] = {b: _checked_list(branches.get(b), steps, f"{where}: ratios.{expert}.{b}")
                            for b in BRANCHES}
     info = raw.get("info", {})
@@ -100,13 +100,13 @@ def _checked_list(values: Any, steps: int, where: str) -> List[Optional[float]]:
         return [None] * steps
     if not isinstance(values, list) or len(values) != steps:
         count = len(values) if isinstance(values, list) else type(values).__name__
-        raise ConfigError(f"{where}: must be a list of {steps} entries (one per step), got {count}")
+        raise InvalidArgument("cache_table", f"{where}: must be a list of {steps} entries (one per step), got {count}")
     out: List[Optional[float]] = []
     for index, value in enumerate(values):
         if value is None:
             out.append(None)
         elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-            raise ConfigError(f"{where}[{index}]: must be a positive number or null, got {value!r}")
+            raise InvalidArgument("cache_table", f"{where}[{index}]: must be a positive number or null, got {value!r}")
         else:
             out.append(float(value))
     return out

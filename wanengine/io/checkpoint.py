@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import os
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Tuple, Union
 
-from ..errors import CheckpointError
+from ..errors import CLI_WORDS, CheckpointError, CheckpointSourceError
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..models.dit import DiTConfig
@@ -42,8 +42,6 @@ RELEASED_PATHS: Dict[str, str] = {"high_noise_model": "high_noise_model", "low_n
                                   "t5": T5_FILE, "vae": VAE_FILE, "tokenizer": f"{TOKENIZER_DIR}/{SPM_FILE}"}
 DIFFUSERS_PATHS: Dict[str, str] = {"high_noise_model": "transformer", "low_noise_model": "transformer_2",
                                    "t5": "text_encoder", "vae": "vae", "tokenizer": f"tokenizer/{SPM_FILE}"}
-OPTION_OF: Dict[str, str] = {"high_noise_model": "--high-noise-model", "low_noise_model": "--low-noise-model",
-                             "t5": "--t5", "vae": "--vae", "tokenizer": "--tokenizer"}
 WHAT: Dict[str, str] = {"high_noise_model": "high-noise expert", "low_noise_model": "low-noise expert",
                         "t5": "text encoder", "vae": "VAE", "tokenizer": "tokenizer"}
 
@@ -63,11 +61,20 @@ LAYOUT_HINT = (f"the released layout needs {_needs(RELEASED_PATHS)}; a diffusers
 
 @dataclass(frozen=True)
 class Component:
-    """One component's source: its path, where it came from, and the layout found there."""
+    """One component's source: its path, the argument it came from (`ckpt_dir` or the
+    component's own, e.g. `vae`), the directory's layout when from `ckpt_dir`, and the layout
+    found at the path."""
 
     path: Path
-    origin: str  # e.g. "--ckpt-dir (diffusers repository)" or "--vae"
+    argument: str
     layout: str = ""
+    within: str = ""  # "released layout" / "diffusers repository" when it came from ckpt_dir
+
+    @property
+    def origin(self) -> str:
+        """Where it came from, in the CLI's words (`info`): `--ckpt-dir (released layout)`, `--vae`."""
+        flag = CLI_WORDS.name(self.argument)
+        return f"{flag} ({self.within})" if self.within else flag
 
 
 @dataclass(frozen=True)
@@ -116,11 +123,11 @@ def check_torch_zip(path: Path) -> None:
         raise CheckpointError(f"{path}: not a readable torch checkpoint (corrupt or truncated?): {exc}") from None
 
 
-def _tokenizer_file(path: Path, option: str) -> Path:
+def _tokenizer_file(path: Path, argument: str) -> Path:
     """A tokenizer source is `spiece.model` itself or a directory holding it."""
     if path.is_dir():
         if not (path / SPM_FILE).is_file():
-            raise CheckpointError(f"{option}: {path}: no {SPM_FILE} in this directory")
+            raise CheckpointSourceError(argument, f"{path}: no {SPM_FILE} in this directory")
         return path / SPM_FILE
     return path
 
@@ -135,23 +142,24 @@ def resolve_sources(ckpt_dir: Optional[Union[str, "os.PathLike[str]"]] = None,
                     overrides: Optional[Mapping[str, Optional[Union[str, "os.PathLike[str]"]]]] = None,
                     dit_config: Optional[Union[str, "os.PathLike[str]"]] = None) -> CheckpointLayout:
     """Which path each component comes from (no file is opened): the overrides, else the
-    `ckpt_dir` in its detected layout. One CheckpointError lists every missing component."""
+    `ckpt_dir` in its detected layout. One `CheckpointSourceError` (an `InvalidArgument` naming
+    the argument) lists every missing component."""
     given = {name: Path(p) for name, p in (overrides or {}).items() if p}
     unknown = sorted(set(given) - set(COMPONENTS))
     if unknown:
         raise CheckpointError(f"unknown component(s) {', '.join(unknown)}; known: {', '.join(COMPONENTS)}")
     for name, path in given.items():
         if not path.exists():
-            raise CheckpointError(f"{OPTION_OF[name]}: {path}: not found")
+            raise CheckpointSourceError(name, f"{path}: not found")
     if dit_config is not None and not Path(dit_config).is_file():
-        raise CheckpointError(f"--dit-config: {dit_config}: file not found")
+        raise CheckpointSourceError("dit_config", f"{dit_config}: file not found")
     root = Path(ckpt_dir) if ckpt_dir else None
     components: Dict[str, Component] = {}
     notes: List[str] = []
     kind = None
     if root is not None:
         if not root.is_dir():
-            raise CheckpointError(f"--ckpt-dir: {root}: directory not found")
+            raise CheckpointSourceError("ckpt_dir", f"{root}: directory not found")
         kind = "diffusers" if (root / MODEL_INDEX).is_file() else "released"
         paths = DIFFUSERS_PATHS if kind == "diffusers" else RELEASED_PATHS
         described = "diffusers repository" if kind == "diffusers" else "released layout"
@@ -161,26 +169,28 @@ def resolve_sources(ckpt_dir: Optional[Union[str, "os.PathLike[str]"]] = None,
             present = candidate.exists()
             if name in given:
                 if present:
-                    notes.append(f"{OPTION_OF[name]} {given[name]} is used instead of {candidate} ({described})")
+                    notes.append(f"{CLI_WORDS.name(name)} {given[name]} is used instead of {candidate} ({described})")
                 continue
             if present:
-                components[name] = Component(candidate, f"--ckpt-dir ({described})")
+                components[name] = Component(candidate, "ckpt_dir", within=described)
             else:
                 missing.append(f"{_shown(name, paths[name])} ({WHAT[name]})")
         if missing:
-            options = " or ".join(OPTION_OF[n] for n in COMPONENTS if n not in given and n not in components)
-            raise CheckpointError(f"--ckpt-dir: {root} ({described}): missing {', '.join(missing)}; found "
-                                  f"{_found(root)}; {LAYOUT_HINT} (or give {options})")
+            absent = [n for n in COMPONENTS if n not in given and n not in components]
+            found = _found(root)
+            raise CheckpointSourceError.for_argument("ckpt_dir", lambda words: (
+                f"{root} ({described}): missing {', '.join(missing)}; found {found}; {LAYOUT_HINT} "
+                f"(or give {' or '.join(words.name(n) for n in absent)})"))
     else:
-        lacking = [OPTION_OF[n] for n in COMPONENTS if n not in given]
+        lacking = [n for n in COMPONENTS if n not in given]
         if lacking:
-            raise CheckpointError(f"no --ckpt-dir and no {', '.join(lacking)}: every component needs its own "
-                                  "option when no checkpoint directory is given")
+            raise CheckpointSourceError.for_argument("ckpt_dir", lambda words: (
+                f"not given, and no {', '.join(words.name(n) for n in lacking)}: every component needs its "
+                "own source when no checkpoint directory is given"))
     for name, path in given.items():
-        components[name] = Component(path, OPTION_OF[name])
+        components[name] = Component(path, name)
     tokenizer = components["tokenizer"]
-    components["tokenizer"] = Component(_tokenizer_file(tokenizer.path, tokenizer.origin.split(" ")[0]),
-                                        tokenizer.origin)
+    components["tokenizer"] = replace(tokenizer, path=_tokenizer_file(tokenizer.path, tokenizer.argument))
     return CheckpointLayout(root, kind, {n: components[n] for n in COMPONENTS},
                             Path(dit_config) if dit_config else None, notes=tuple(notes))
 
@@ -197,17 +207,17 @@ def _inspect(layout: CheckpointLayout) -> CheckpointLayout:
         part = components[name]
         plan = inspect_expert_8bit(part.path, config_file=layout.dit_config).plan
         configs[name] = plan.config
-        components[name] = Component(part.path, part.origin, plan.layout)
+        components[name] = replace(part, layout=plan.layout)
     for name, opener in (("t5", open_t5), ("vae", open_vae)):
         part = components[name]
         if part.path.is_file() and part.path.suffix in (".pth", ".pt"):
             check_torch_zip(part.path)  # a clear message for a truncated zip before unpickling
         _, tensors, _ = opener(part.path)
-        components[name] = Component(part.path, part.origin, tensors.layout)
+        components[name] = replace(part, layout=tensors.layout)
     part = components["tokenizer"]
     if not part.path.is_file():
         raise CheckpointError(f"{part.path}: tokenizer not found (a {SPM_FILE} file or a directory holding one)")
-    components["tokenizer"] = Component(part.path, part.origin, "sentencepiece model")
+    components["tokenizer"] = replace(part, layout="sentencepiece model")
     return CheckpointLayout(layout.root, layout.kind, components, layout.dit_config, configs, layout.notes)
 
 

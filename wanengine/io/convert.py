@@ -142,8 +142,8 @@ def convert_checkpoint(out, ckpt_dir: Optional[str] = None, *, high_noise_model:
     from ..quant.loading import inspect_expert_8bit
     from ..quant.schemes import resolve_quant_dtype
 
-    eight_bit = {"experts": resolve_quant_dtype(quantize, "--quantize") if quantize else None,
-                 "t5": resolve_quant_dtype(quantize_t5, "--quantize-t5") if quantize_t5 else None}
+    eight_bit = {"experts": resolve_quant_dtype(quantize, "quantize") if quantize else None,
+                 "t5": resolve_quant_dtype(quantize_t5, "quantize_t5") if quantize_t5 else None}
 
     out = Path(out)
     _check_destination(out)

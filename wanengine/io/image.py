@@ -21,13 +21,14 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..errors import UserInputError
-from .image_input import ImageLike, normalize_image_input  # noqa: F401 (ImageLike re-exported)
+from ..errors import InvalidArgument
+from .image_input import EncodedImage, ImageLike, normalize_image_input  # noqa: F401 (ImageLike re-exported)
 
 BACKGROUND = (255, 255, 255)
 REDUCE_ABOVE_PIXELS = 36_000_000  # e.g. 8000x4500; far more than any output frame needs
@@ -47,9 +48,12 @@ def open_image(image: ImageLike) -> Image.Image:
     """Open and decode `image` fully (so a corrupt file fails here, not mid-run), apply its
     EXIF orientation and convert any mode to RGB (see the module docstring for the rules).
     `image` is anything `image_input.normalize_image_input` accepts (path, bytes, PIL, numpy, torch)."""
-    image = normalize_image_input(image)  # -> a PIL image or an existing file's path
+    image = normalize_image_input(image)  # -> a PIL image, encoded data or an existing file's path
     if isinstance(image, Image.Image):
-        pil, label = image, "image"
+        pil, label = image, "the image given"
+    elif isinstance(image, EncodedImage):
+        label = image.label
+        pil = decode_bounded(image.stream, label)
     else:
         label = os.fspath(image)
         pil = _decode_file(label)
@@ -58,7 +62,7 @@ def open_image(image: ImageLike) -> Image.Image:
     except Exception:  # a malformed EXIF block should not stop the run; orientation stays as stored
         pass
     if pil.width < 1 or pil.height < 1:
-        raise UserInputError(f"--image: {label}: image has no pixels")
+        raise InvalidArgument("image", f"{label}: image has no pixels")
     return to_rgb(pil, label)
 
 
@@ -67,24 +71,30 @@ def _decode_file(label: str) -> Image.Image:
 
     problem = not_a_file_reason(label)
     if problem is not None:
-        raise UserInputError(f"--image: {label}: {problem}")
+        raise InvalidArgument("image", f"{label}: {problem}")
+    return decode_bounded(label, label)
+
+
+def decode_bounded(source: Any, label: str) -> Image.Image:
+    """Decode an image file (a path or a binary stream) fully, reduced while decoding when very
+    large and refused above the bomb limit (module docstring); `label` names it in messages."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            with Image.open(label) as handle:
+            with Image.open(source) as handle:
                 pil = _load_bounded(handle, label)
         except Image.DecompressionBombError:
-            raise UserInputError(f"--image: {label}: too many pixels to decode safely (above PIL's decompression-"
+            raise InvalidArgument("image", f"{label}: too many pixels to decode safely (above PIL's decompression-"
                                  f"bomb limit of {bomb_limit() / 1e6:.0f} MP); downscale it first") from None
-        except UserInputError:
+        except InvalidArgument:
             raise
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
             reason = " ".join(str(exc).split())[:120]
-            raise UserInputError(f"--image: {label}: not a readable image ({type(exc).__name__}: {reason})") from None
+            raise InvalidArgument("image", f"{label}: not a readable image ({type(exc).__name__}: {reason})") from None
     for item in caught:
         if issubclass(item.category, Image.DecompressionBombWarning):
             continue  # handled: large images are reduced while decoding
-        warnings.warn(ImageWarning(f"--image: {label}: {' '.join(str(item.message).split())}"), stacklevel=3)
+        warnings.warn(ImageWarning(f"image: {label}: {' '.join(str(item.message).split())}"), stacklevel=3)
     return pil
 
 
@@ -144,31 +154,31 @@ def to_rgb(pil: Image.Image, label: str = "image") -> Image.Image:
     try:
         return pil.convert("RGB")
     except ValueError as exc:
-        raise UserInputError(f"--image: {label}: mode {pil.mode} cannot be converted to RGB ({exc})") from None
+        raise InvalidArgument("image", f"{label}: mode {pil.mode} cannot be converted to RGB ({exc})") from None
 
 
 def _scaled_to_uint8(pil: Image.Image, label: str) -> np.ndarray:
-    """`F`, `I`, `I;16*` pixels -> uint8 by the mode's real range (or a UserInputError)."""
+    """`F`, `I`, `I;16*` pixels -> uint8 by the mode's real range (or an InvalidArgument naming `image`)."""
     values = np.asarray(pil)
     if pil.mode.startswith("I;16"):
         return np.round(values.astype(np.float64) / 257.0).clip(0, 255).astype(np.uint8)
     values = values.astype(np.float64)
     if values.size == 0:
-        raise UserInputError(f"--image: {label}: image has no pixels")
+        raise InvalidArgument("image", f"{label}: image has no pixels")
     low, high = float(np.min(values)), float(np.max(values))
     if pil.mode == "F":
         if not (math.isfinite(low) and math.isfinite(high)):
-            raise UserInputError(f"--image: {label}: float image holds NaN or Inf values")
+            raise InvalidArgument("image", f"{label}: float image holds NaN or Inf values")
         if low >= 0 and high <= 1:
             scale = 1.0
         elif low >= 0 and high <= 255:
             scale = 255.0
         else:
-            raise UserInputError(f"--image: {label}: float image values span [{low:g}, {high:g}]; "
+            raise InvalidArgument("image", f"{label}: float image values span [{low:g}, {high:g}]; "
                                  "expected [0, 1] or [0, 255]")
         return np.round(values / scale * 255.0).clip(0, 255).astype(np.uint8)
     if low < 0:
-        raise UserInputError(f"--image: {label}: 32-bit integer image has negative values (min {low:g})")
+        raise InvalidArgument("image", f"{label}: 32-bit integer image has negative values (min {low:g})")
     bits = next(b for b in (8, 16, 32) if high <= 2**b - 1)  # PIL stores 8/16-bit data as I too
     return np.round(values / (2**bits - 1) * 255.0).clip(0, 255).astype(np.uint8)
 

@@ -1,5 +1,6 @@
-"""What the library accepts as an input image, brought to one of two forms before decoding:
-a PIL image, or the path of an image file.
+"""What the library accepts as an input image, brought to one of three forms before decoding:
+a PIL image, encoded data (`EncodedImage`), or the path of an image file; `io.image` decodes
+the last two with one bounded decoder (large images reduced while decoding, bombs refused).
 
 Accepted: a path (`str` / `os.PathLike`), encoded file bytes (`bytes`, `bytearray`,
 `memoryview`) or a binary file object (anything with `.read()`), a PIL image, a numpy array
@@ -15,10 +16,11 @@ from __future__ import annotations
 
 import io
 import os
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from ..errors import InvalidArgument
 
@@ -28,8 +30,17 @@ if TYPE_CHECKING:  # torch stays a lazy import here
 ImageLike = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, Image.Image, np.ndarray, "torch.Tensor"]
 
 
-def normalize_image_input(image: Any) -> Union[Image.Image, str]:
-    """`image` (see the module docstring) -> a PIL image or an existing file's path."""
+@dataclass(frozen=True)
+class EncodedImage:
+    """Encoded image data (bytes or a binary file object) still to be decoded -- by the same
+    bounded decoder as a file (`io.image.decode_bounded`) -- and how messages name it."""
+
+    stream: Any
+    label: str
+
+
+def normalize_image_input(image: Any) -> Union[Image.Image, EncodedImage, str]:
+    """`image` (see the module docstring) -> a PIL image, encoded data or an existing file's path."""
     if isinstance(image, Image.Image):
         return image
     if isinstance(image, (str, os.PathLike)):
@@ -43,9 +54,9 @@ def normalize_image_input(image: Any) -> Union[Image.Image, str]:
             raise InvalidArgument("image", f"{path}: {problem}")
         return path
     if isinstance(image, (bytes, bytearray, memoryview)):
-        return _decode(io.BytesIO(bytes(image)), "the bytes given")
+        return EncodedImage(io.BytesIO(bytes(image)), "the bytes given")
     if hasattr(image, "read"):
-        return _decode(image, "the file object given")
+        return EncodedImage(image, "the file object given")
     if isinstance(image, np.ndarray):
         return array_to_pil(image, channels_first=False)
     if type(image).__module__.split(".")[0] == "torch":  # a torch.Tensor, without importing torch
@@ -55,22 +66,6 @@ def normalize_image_input(image: Any) -> Union[Image.Image, str]:
         return array_to_pil(array.numpy(), channels_first=True)
     raise InvalidArgument("image", f"unsupported type {type(image).__name__}; give a path, bytes, a PIL image, "
                                    "a numpy array or a torch tensor")
-
-
-def _decode(stream: Any, label: str) -> Image.Image:
-    """Decode encoded image data fully (a corrupt file fails here, not mid-run), keeping EXIF."""
-    try:
-        with Image.open(stream) as handle:
-            handle.load()
-            pil = handle.copy()
-            pil.info.update(handle.info)
-            exif = handle.getexif()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise InvalidArgument("image", f"{label}: not a readable image ({type(exc).__name__}: "
-                                       f"{str(exc)[:120]})") from None
-    if exif:
-        pil.info["exif"] = exif.tobytes()
-    return pil
 
 
 def array_to_pil(array: np.ndarray, channels_first: bool) -> Image.Image:

@@ -24,11 +24,12 @@ if TYPE_CHECKING:
 SUPPORTED_EXTENSIONS = (".mp4", ".safetensors")
 
 
-def check_output_path(path: Union[str, "os.PathLike[str]"], flag: str = "--out") -> Path:
-    """Fail before any compute if `path` cannot be written (see `io.output_paths`)."""
+def check_output_path(path: Union[str, "os.PathLike[str]"], argument: str = "path") -> Path:
+    """Fail before any compute if `path` cannot be written (see `io.output_paths`); the error
+    names `argument` (`Video.save`'s `path`, the CLI's `--out`)."""
     from .output_paths import check_output_file
 
-    return check_output_file(path, flag, extensions=SUPPORTED_EXTENSIONS)
+    return check_output_file(path, argument, extensions=SUPPORTED_EXTENSIONS)
 
 
 def to_uint8_frames(video: torch.Tensor) -> torch.Tensor:

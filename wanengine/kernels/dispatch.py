@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterator, Optional, TypeVar, Union
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, InvalidArgument
 
 BACKEND_NAMES = ("auto", "reference", "torch", "cuda", "npu")
 ENV_VAR = "WANENGINE_KERNEL_BACKEND"
@@ -80,7 +80,7 @@ def requested_backend(name: Optional[str]) -> str:
     """
     name = (name or "auto").strip().lower()
     if name not in BACKEND_NAMES:
-        raise ConfigError(f"kernel_backend (--kernel-backend): unknown backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
+        raise InvalidArgument("kernel_backend", f"unknown backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
     if name == "auto":
         from_env = os.environ.get(ENV_VAR, "").strip().lower()
         if from_env:

@@ -27,7 +27,7 @@ from ..cache.state import CacheLayout
 from ..config import EngineConfig
 from ..device import resolve_device
 from ..engine import Engine
-from ..errors import ConfigError
+from ..errors import ConfigError, InvalidArgument
 from ..io.checkpoint import EXPERTS
 from .cfg_parallel import make_cfg_parallel_guidance
 from .fsdp import load_dit_sharded, load_t5_sharded, reshard, world_mesh
@@ -36,8 +36,11 @@ from .ulysses import apply_ulysses
 from .vae_split import apply_vae_split
 
 
-NOTHING_TO_SPLIT = ("--cfg-size 2: guidance is off on every step (guide scale 1.0), so there is one branch "
-                    "per step and nothing to split: use --ulysses-size instead")
+def nothing_to_split() -> InvalidArgument:
+    """`cfg_size` 2 with guidance off on every step."""
+    return InvalidArgument.for_argument("cfg_size", lambda words: (
+        f"2 with guidance off on every step (guide scale 1.0): there is one branch per step and nothing to "
+        f"split; use {words.name('ulysses_size')} instead"))
 
 
 class ParallelEngine(Engine):
@@ -48,10 +51,13 @@ class ParallelEngine(Engine):
         cfg = cfg.validate()
         device_type = resolve_device(cfg.device).type
         if cfg.dit_fsdp and cfg.offload_model:
-            raise ConfigError("--dit-fsdp with --offload-model: sharded experts stay on the devices "
-                              "(about 1/world of each per card); drop --offload-model")
+            raise ConfigError.worded(lambda words: (
+                f"{words.setting('dit_fsdp')} with {words.setting('offload_model')}: sharded experts stay on the "
+                f"devices (about 1/world of each per card); drop {words.name('offload_model')}"))
         if cfg.t5_fsdp and cfg.t5_cpu and device_type != "cpu":
-            raise ConfigError("--t5-fsdp with --t5-cpu: a sharded text encoder runs on the devices; drop one of them")
+            raise ConfigError.worded(lambda words: (
+                f"{words.setting('t5_fsdp')} with {words.setting('t5_cpu')}: a sharded text encoder runs on the "
+                "devices; drop one of them"))
         self.parallel: ParallelState = init_parallel(cfg.cfg_size, cfg.ulysses_size, device_type)
         atexit.register(shutdown)
         changes: Dict[str, Any] = {"progress": cfg.progress and self.parallel.is_writer}
@@ -121,7 +127,7 @@ class ParallelEngine(Engine):
 
     def check_guidance(self, unconditional: bool) -> None:
         if self.parallel.cfg_size == 2 and not unconditional:
-            raise ConfigError(NOTHING_TO_SPLIT)
+            raise nothing_to_split()
 
     def video_forwards(self, local_forwards: int) -> int:
         # With CFG parallel each branch's ranks count their own branch: the video's total is the

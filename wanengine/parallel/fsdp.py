@@ -173,8 +173,9 @@ def load_t5_sharded(path: Union[str, "os.PathLike[str]"], *, device: torch.devic
 def _refuse_8bit_fsdp1(model: nn.Module) -> None:
     """FSDP1 flattens a unit's parameters into one tensor of one dtype: no 8-bit weights there."""
     if any(not p.is_floating_point() or p.element_size() == 1 for p in model.parameters()):
-        raise ConfigError(f"--dit-fsdp/--t5-fsdp with 8-bit weights needs FSDP2 (torch >= 2.4; this is "
-                          f"{torch.__version__})")
+        raise ConfigError.worded(lambda words: (
+            f"{words.name('dit_fsdp')}/{words.name('t5_fsdp')} with 8-bit weights needs FSDP2 (torch >= 2.4; "
+            f"this is {torch.__version__})"))
 
 
 # --------------------------------------------------------------------------- FSDP1 (torch < 2.4)

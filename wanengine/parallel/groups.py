@@ -108,8 +108,9 @@ def init_parallel(cfg_size: int, ulysses_size: int, device_type: str = "cpu", *,
     Every rank must call this with the same layout (`new_group` is collective)."""
     world = env_world_size() if not dist.is_initialized() else dist.get_world_size()
     if world != cfg_size * ulysses_size:
-        raise ConfigError(f"--cfg-size {cfg_size} x --ulysses-size {ulysses_size} = {cfg_size * ulysses_size} "
-                          f"ranks, but the job has {world}; they must be equal")
+        raise ConfigError.worded(lambda words: (
+            f"{words.setting('cfg_size', cfg_size)} x {words.setting('ulysses_size', ulysses_size)} = "
+            f"{cfg_size * ulysses_size} ranks, but the job has {world}; they must be equal"))
     local_rank = env_local_rank()
     device = rank_device(device_type, local_rank)
     if not dist.is_initialized():

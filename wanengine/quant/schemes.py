@@ -18,7 +18,7 @@ from typing import Dict, Tuple
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import InvalidArgument
 
 QUANT_DTYPES: Dict[str, torch.dtype] = {"int8": torch.int8}
 if hasattr(torch, "float8_e4m3fn"):  # torch >= 2.1
@@ -30,11 +30,11 @@ if "fp8" in QUANT_DTYPES:
 EIGHT_BIT_DTYPES: Tuple[torch.dtype, ...] = tuple(QMAX)
 
 
-def resolve_quant_dtype(name: str, flag: str = "--quantize") -> torch.dtype:
-    """'int8' / 'fp8' -> the storage dtype, or a ConfigError naming `flag`."""
+def resolve_quant_dtype(name: str, argument: str = "quantize") -> torch.dtype:
+    """'int8' / 'fp8' -> the storage dtype, or an InvalidArgument naming `argument`."""
     if name not in QUANT_DTYPES:
         choices = ", ".join(QUANT_DTYPES)
-        raise ConfigError(f"{flag}: {name!r} is not an 8-bit format; choose one of {choices}")
+        raise InvalidArgument(argument, f"{name!r} is not an 8-bit format; choose one of {choices}")
     return QUANT_DTYPES[name]
 
 

@@ -10,7 +10,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from wanengine.errors import ConfigError
+from wanengine.errors import ConfigError, InvalidArgument
 from wanengine.schedulers.dpmpp import FlowDPMPPSampler
 from wanengine.schedulers.euler import FlowEulerSampler, euler_schedule
 from wanengine.schedulers.schedule import (
@@ -40,7 +40,7 @@ def make_sampler(name: str, steps: Optional[int], shift: float,
     if key == "euler":
         return FlowEulerSampler(steps, shift, device=device, step_list=step_list)
     if step_list is not None:
-        raise ConfigError(f"--denoising-steps: only the euler sampler takes an explicit step list, not {name!r}")
+        raise InvalidArgument("denoising_steps", f"only the euler sampler takes an explicit step list, not {name!r}")
     return _SAMPLERS[key](steps, shift, device=device)
 
 

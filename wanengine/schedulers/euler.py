@@ -22,7 +22,7 @@ from typing import List, Optional, Sequence, Union
 import torch
 
 from wanengine.config import check_step_list
-from wanengine.errors import ConfigError
+from wanengine.errors import ConfigError, InvalidArgument
 from wanengine.schedulers.schedule import NUM_TRAIN_TIMESTEPS, FlowSchedule, StepCursor, _numpy_linspace
 
 
@@ -41,7 +41,8 @@ def euler_schedule(steps: int, shift: float, step_list: Optional[Sequence[float]
     if step_list is not None:
         grid = list(check_step_list(step_list, NUM_TRAIN_TIMESTEPS))
         if steps is not None and steps != len(grid):
-            raise ConfigError(f"--denoising-steps gives {len(grid)} steps but --sample-steps is {steps}")
+            raise InvalidArgument.for_argument("denoising_steps", lambda words: (
+                f"gives {len(grid)} steps but {words.name('steps')} is {steps}"))
     else:
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ConfigError(f"sampling steps must be a positive integer, got {steps!r}")

@@ -21,7 +21,7 @@ from ..errors import GenerationCancelled, UserInputError
 from .jobs import CANCELLED, COMPLETED, FAILED, IN_PROGRESS, QUEUED, Job, JobStore, new_job_id
 from .metrics import Metrics
 from .ranks import HEARTBEAT_S, IDLE, JOB, STOP, LocalChannel, RankMessage, generate_on_every_rank, say
-from .submission import MAX_IMAGE_PIXELS, RequestError, Submission
+from .submission import MAX_IMAGE_PIXELS, RequestError, Submission, check_for_engine
 
 SHUTDOWN_GRACE_S = 20.0  # how long shutdown waits for the running job to reach a step boundary
 
@@ -89,8 +89,10 @@ class Service:
                                     f"{self.settings.max_queue}); retry later")
 
     def submit(self, submission: Submission) -> dict:
-        """Queue a validated submission; returns the job's view as queued (429 / 503 if refused)."""
+        """Queue a validated submission; returns the job's view as queued (422 if the loaded
+        engine would refuse it when it runs, 429 / 503 if refused)."""
         opts = submission.opts
+        check_for_engine(opts, self.engine)
         settings = {**asdict(opts), "guide_scale": list(opts.guidance)}
         job = Job(id=new_job_id(), status=QUEUED, created_at=time.time(), output_format=submission.output_format,
                   settings=settings, frame_size=list(submission.frame_size), seed=opts.seed, steps=opts.steps,

@@ -6,6 +6,8 @@ them, so `--frame-num` becomes `frame_num`. Statuses: 400 a malformed body (not 
 unknown or missing field, an image that is not base64 or not an image, a path or URL instead
 of an image), 422 a well-formed value the validation refuses, 413 a body over the upload
 limit or an image over the pixel limit (checked from the header, before decoding).
+`check_for_engine` adds, at submission, what the loaded engine would refuse only when the job
+runs (a mag-cache table's step count, CFG parallel with guidance off): 422 too.
 
 The server never reads a path or URL named in a request: the image travels in the request.
 """
@@ -152,8 +154,7 @@ def decode_image(value: Any, max_pixels: int = MAX_IMAGE_PIXELS):
     if width * height > max_pixels:
         raise RequestError(413, f"image: {width}x{height} is {width * height} pixels, over the limit of {max_pixels}")
     try:
-        handle.load()
-        return open_image(handle)
+        return open_image(data)  # the library's bounded decoder, EXIF orientation included
     except UserInputError as exc:
         raise RequestError(400, field_message(exc)) from None
     except (OSError, SyntaxError, ValueError) as exc:
@@ -206,6 +207,34 @@ def build_submission(fields: Mapping[str, Any], *, from_form: bool = False,
     if opts.seed < 0:  # drawn now so the job record shows the seed it runs with
         opts = opts.with_seed(draw_seed())
     return Submission(opts=opts, image=image, output_format=output_format, frame_size=(8 * lat_w, 8 * lat_h))
+
+
+def check_for_engine(opts: GenerationOptions, engine: Any) -> None:
+    """What the loaded engine would refuse only once the job runs, refused now (422, naming the
+    request field) so that no job is queued to fail: a step count other than the one this
+    server's mag-cache table was recorded for (`--step-cache mag`), and -- under CFG parallel --
+    a request whose steps never run the unconditional branch (guide scale 1.0 throughout).
+    The server's own paths are not named (the table is `--cache-table`)."""
+    table = getattr(getattr(engine, "step_cache", None), "table", None)
+    if table is not None and opts.steps != table.steps:
+        field = "denoising_steps" if opts.denoising_steps is not None else "sample_steps"
+        raise RequestError(422, f"{field}: {opts.steps} steps, but this server's mag-cache table (--cache-table) "
+                                f"was recorded for {table.steps}; send {table.steps} steps")
+    from ..errors import ConfigError
+    from ..pipeline import guidance_off, needs_unconditional
+
+    check_guidance = getattr(engine, "check_guidance", None)
+    if check_guidance is not None and any(guidance_off(scale) for scale in opts.guidance):
+        # only then can a step lack the unconditional branch (the sampler is built just for this)
+        from ..schedulers import make_sampler
+
+        timesteps = make_sampler(opts.solver, opts.steps, opts.shift, step_list=opts.denoising_steps).timesteps
+        try:
+            check_guidance(needs_unconditional(timesteps.tolist(), opts.guidance))
+        except ConfigError:
+            raise RequestError(422, f"guide_scale: {list(opts.guidance)} turns guidance off on every step, but this "
+                                    "server splits the two guidance branches over its ranks (--cfg-size 2); send "
+                                    "a scale other than 1.0") from None
 
 
 def submission_from_body(body: bytes, content_type: Optional[str], form: Optional[Mapping[str, Any]] = None,

@@ -42,8 +42,9 @@ def infer_dit_config(shapes: Mapping[str, Tuple[int, ...]], source: str):
 
     def need(name: str, rank: int) -> Tuple[int, ...]:
         if name not in shapes:
-            raise CheckpointError(f"{source}: tensor {name} missing (needed to infer the expert's configuration; "
-                                  "pass --dit-config FILE to give it)")
+            raise CheckpointError.worded(lambda words: (
+                f"{source}: tensor {name} missing (needed to infer the expert's configuration; give its "
+                f"config.json as {words.name('dit_config')})"))
         shape = tuple(int(s) for s in shapes[name])
         if len(shape) != rank:
             raise CheckpointError(f"{source}: tensor {name} has shape {list(shape)}, expected {rank} dimensions")
@@ -57,8 +58,9 @@ def infer_dit_config(shapes: Mapping[str, Tuple[int, ...]], source: str):
         raise CheckpointError(f"{source}: no transformer blocks found (expected tensors named blocks.<i>.*)")
     head_rows = need("head.head.weight", 2)[0]
     if dim % HEAD_DIM:
-        raise CheckpointError(f"{source}: width {dim} is not a multiple of the head dim {HEAD_DIM}, so the head "
-                              "count cannot be inferred; pass --dit-config FILE (a config.json)")
+        raise CheckpointError.worded(lambda words: (
+            f"{source}: width {dim} is not a multiple of the head dim {HEAD_DIM}, so the head count cannot be "
+            f"inferred; give the expert's config.json as {words.name('dit_config')}"))
     try:
         return DiTConfig(dim=dim, in_dim=in_dim, ffn_dim=need("blocks.0.ffn.0.weight", 2)[0],
                          freq_dim=need("time_embedding.0.weight", 2)[1], out_dim=head_rows // patch_volume,
