@@ -67,7 +67,7 @@ def test_mistyped_paths_and_plan_need_no_torch(torch_free_run):
                 "image_is_dir": "is a directory",
                 "missing_ckpt": "--ckpt-dir: /nonexistent/Wan2.2-I2V-A14B",
                 "missing_lora": "/nonexistent/high.safetensors: adapter file not found",
-                "missing_table": "--cache-table /nonexistent/t.json: file not found"}
+                "missing_table": "/nonexistent/t.json: file not found"}
     for name, words in expected.items():
         result = torch_free_run[name]
         lines = result["err"].strip().splitlines()
