@@ -7,6 +7,7 @@ Every mode runs twice: through the CLI under torchrun, and calling `ParallelEngi
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -82,6 +83,9 @@ def test_cli_under_torchrun(golden: Path, tmp_path: Path, case: str) -> None:
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert (result.stdout + result.stderr).count("wrote ") == 1  # only rank 0 writes
+    # Joining the process group is a stage of its own (announced once, a row of the table).
+    assert result.stderr.count("wanengine: join process group (") == 1, result.stderr[-3000:]
+    assert re.search(r"^join process group\s+\d+\.\d\d\s", result.stderr, re.M), result.stderr[-3000:]
     assert_matches_golden(golden, out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.safetensors"]  # no stray or partial files
 

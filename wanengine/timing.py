@@ -38,9 +38,12 @@ class StageTimer:
             if announce:
                 self.log.end(name, seconds, nbytes, failed=failed)
 
-    def add(self, name: str, seconds: float) -> None:
-        """Charge `seconds` measured elsewhere to stage `name`."""
+    def add(self, name: str, seconds: float, first: bool = False) -> None:
+        """Charge `seconds` measured elsewhere to stage `name` (`first`: as the first row, for a
+        stage that ran before this timer existed)."""
         self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+        if first:
+            self.seconds = {name: self.seconds.pop(name), **self.seconds}
 
     @property
     def total(self) -> float:

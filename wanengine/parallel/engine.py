@@ -17,6 +17,7 @@ What differs from the single-device engine, hook by hook:
 from __future__ import annotations
 
 import atexit
+import time
 from dataclasses import replace
 from typing import Any, Dict
 
@@ -29,6 +30,8 @@ from ..device import resolve_device
 from ..engine import Engine
 from ..errors import ConfigError, InvalidArgument
 from ..io.checkpoint import EXPERTS
+from ..runtime_env import is_lead_rank
+from ..stage_log import StageLog
 from .cfg_parallel import make_cfg_parallel_guidance
 from .fsdp import load_dit_sharded, load_t5_sharded, reshard, world_mesh
 from .groups import ParallelState, all_reduce_int, broadcast_int, init_parallel, shutdown
@@ -58,7 +61,17 @@ class ParallelEngine(Engine):
             raise ConfigError.worded(lambda words: (
                 f"{words.setting('t5_fsdp')} with {words.setting('t5_cpu')}: a sharded text encoder runs on the "
                 "devices; drop one of them"))
-        self.parallel: ParallelState = init_parallel(cfg.cfg_size, cfg.ulysses_size, device_type)
+        # Joining the group waits for every rank (and their imports): its own stage, not silence.
+        join_log = StageLog(enabled=cfg.progress and is_lead_rank())
+        join_log.start("join process group", f"({cfg.world_size} ranks)")
+        started = time.perf_counter()
+        try:
+            self.parallel: ParallelState = init_parallel(cfg.cfg_size, cfg.ulysses_size, device_type)
+        except BaseException:
+            join_log.end("join process group", time.perf_counter() - started, failed=True)
+            raise
+        joined = time.perf_counter() - started
+        join_log.end("join process group", joined)
         atexit.register(shutdown)
         changes: Dict[str, Any] = {"progress": cfg.progress and self.parallel.is_writer}
         if device_type != "cpu":
@@ -66,6 +79,7 @@ class ParallelEngine(Engine):
         if cfg.dit_fsdp and cfg.offload_model is None:
             changes["offload_model"] = False  # shards stay on the device; swapping them buys nothing
         super().__init__(replace(cfg, **changes))
+        self.load_timer.add("join process group", joined, first=True)
 
     # ------------------------------------------------------------------ loading
     def _load(self) -> None:
