@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Callable, List, Optional
@@ -80,11 +79,15 @@ def say(message: str, level: int = 1) -> None:
 
 
 def fail(message: str, code: int) -> None:
-    """One error line (on rank 0 only; other ranks show theirs with --verbose), then exit `code`."""
+    """One error line, then exit `code`. In a torchrun job rank 0 prints it; the other ranks
+    wait for rank 0 to end the job and leave quietly, printing theirs only when rank 0 does
+    not (`rank_errors`; at once with --verbose)."""
     if is_lead_rank():
         print(f"wanengine: error: {message}", file=sys.stderr, flush=True)
-    elif _State.verbosity >= 2:
-        print(f"wanengine: rank {os.environ.get('RANK')}: error: {message}", file=sys.stderr, flush=True)
+    else:
+        from .rank_errors import leave_to_lead_rank
+
+        leave_to_lead_rank(message, code, verbose=_State.verbosity >= 2)
     raise typer.Exit(code)
 
 
