@@ -39,6 +39,9 @@ CASES = {
     "wanengine i2v --bogus (unknown flag)": ["i2v", "--bogus"],
     "wanengine i2v ... --frame-num 80 (bad value)": ["i2v", "--ckpt-dir", "c", "--image", "i", "--prompt", "p",
                                                      "--frame-num", "80"],
+    "wanengine i2v --image /no/such.png (missing file)": ["i2v", "--ckpt-dir", ".", "--image", "/no/such.png",
+                                                          "--prompt", "p"],
+    "wanengine plan --size 1280*720 --hardware h100": ["plan", "--size", "1280*720", "--hardware", "h100"],
 }
 
 
