@@ -27,6 +27,9 @@ cases = {
     "missing_ckpt": ["i2v", "--ckpt-dir", "/nonexistent/Wan2.2-I2V-A14B", *run[3:]],
     "missing_lora": [*run, "--lora-high", "/nonexistent/high.safetensors"],
     "missing_table": [*run, "--step-cache", "mag", "--cache-threshold", "0.1", "--cache-table", "/nonexistent/t.json"],
+    "out_in_missing_dir": [*run, "--out", "/nonexistent/dir/x.mp4"],
+    "out_bad_extension": [*run, "--out", "x.avi"],
+    "metrics_in_missing_dir": [*run, "--metrics-json", "/nonexistent/dir/m.json"],
     **{f"help {command}": [command, "--help"] for command in ("i2v", "plan", "info", "convert", "demo", "serve",
                                                                "calibrate-cache")},
 }
@@ -67,7 +70,10 @@ def test_mistyped_paths_and_plan_need_no_torch(torch_free_run):
                 "image_is_dir": "is a directory",
                 "missing_ckpt": "--ckpt-dir: /nonexistent/Wan2.2-I2V-A14B",
                 "missing_lora": "/nonexistent/high.safetensors: adapter file not found",
-                "missing_table": "/nonexistent/t.json: file not found"}
+                "missing_table": "/nonexistent/t.json: file not found",
+                "out_in_missing_dir": "--out: /nonexistent/dir/x.mp4: directory /nonexistent/dir does not exist",
+                "out_bad_extension": "--out: x.avi: unsupported extension '.avi'",
+                "metrics_in_missing_dir": "--metrics-json: /nonexistent/dir/m.json: directory"}
     for name, words in expected.items():
         result = torch_free_run[name]
         lines = result["err"].strip().splitlines()

@@ -21,7 +21,7 @@ from .cache.report import cache_summary, check_cache_table
 from .config import EngineConfig, GenerationOptions, check_frame_size, latent_grid
 from .errors import ConfigError
 from .io.checkpoint import EXPERTS, preflight_checkpoint
-from .io.output_paths import check_output_file, check_run_outputs
+from .io.output_paths import VIDEO_EXTENSIONS, check_output_file, check_run_outputs
 from .runtime_env import is_lead_rank
 from .stage_log import StageLog
 from .timing import StageTimer
@@ -76,10 +76,11 @@ def default_output_name(opts: GenerationOptions, frame_size: tuple) -> Path:
     return Path(f"i2v-A14B_{frame_size[0]}x{frame_size[1]}_{opts.frame_num}f_seed{opts.seed}_{slug}_{stamp}.mp4")
 
 
-def check_before_torch(cfg: EngineConfig, opts: GenerationOptions, image_path) -> None:
+def check_before_torch(cfg: EngineConfig, opts: GenerationOptions, image_path, out: Optional[Path] = None,
+                       metrics_json: Optional[Path] = None) -> None:
     """The input checks that need no torch, run before torch's 1-5 s import so that the most
-    common mistakes -- a mistyped checkpoint, image, adapter or table path -- come back at once.
-    The full checks (headers, shapes, the parallel layout) follow later."""
+    common mistakes -- a mistyped checkpoint, image, adapter, table or output path -- come back
+    at once. The full checks (headers, shapes, the parallel layout) follow later."""
     from .adapters.plan import check_adapter_file
     from .io.checkpoint import resolve_sources
     from .io.image_input import normalize_image_input
@@ -90,6 +91,10 @@ def check_before_torch(cfg: EngineConfig, opts: GenerationOptions, image_path) -
     for spec in cfg.loras:
         check_adapter_file(Path(os.fspath(spec.path)))
     check_cache_table(cfg, opts.steps)
+    if out is not None:
+        check_output_file(out, "out", extensions=VIDEO_EXTENSIONS)
+    if metrics_json is not None:
+        check_output_file(metrics_json, "metrics_json")
 
 
 def preflight_run(cfg: EngineConfig, opts: GenerationOptions, image_path, out: Optional[Path],
@@ -104,7 +109,7 @@ def preflight_run(cfg: EngineConfig, opts: GenerationOptions, image_path, out: O
     with timer.stage("check inputs"):
         cfg.validate()
         opts.validate()
-        check_before_torch(cfg, opts, image_path)
+        check_before_torch(cfg, opts, image_path, out, metrics_json)
     with timer.stage("import torch"):  # its own row: 1-5 s that would otherwise hide in the checks
         import torch  # noqa: F401
 

@@ -19,6 +19,7 @@ from ..errors import InvalidArgument
 from .file_kinds import file_kind
 
 PathLike = Union[str, "os.PathLike[str]"]
+VIDEO_EXTENSIONS = (".mp4", ".safetensors")  # what `Video.save` writes
 
 def check_output_file(path: PathLike, argument: str, extensions: Optional[Sequence[str]] = None) -> Path:
     """The path to write for `argument` (a symlink resolved to its target), or an

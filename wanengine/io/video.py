@@ -17,11 +17,11 @@ import numpy as np
 import torch
 
 from .atomic import OutputWriteError, atomic_path  # noqa: F401 (atomic_path is re-exported)
+from .output_paths import VIDEO_EXTENSIONS as SUPPORTED_EXTENSIONS
 
 if TYPE_CHECKING:
     from PIL import Image
 
-SUPPORTED_EXTENSIONS = (".mp4", ".safetensors")
 
 
 def check_output_path(path: Union[str, "os.PathLike[str]"], argument: str = "path") -> Path:
