@@ -117,10 +117,9 @@ class Engine:
 
     def quantize_dtype(self, option: str) -> Optional[torch.dtype]:
         """The 8-bit storage dtype `--quantize` / `--quantize-t5` asks for, or None."""
-        from .quant.schemes import resolve_quant_dtype
+        from .quant.schemes import config_quant_dtype
 
-        name = getattr(self.cfg, option)
-        return resolve_quant_dtype(name, option) if name else None
+        return config_quant_dtype(self.cfg, option)
 
     # ------------------------------------------------------------------ adapters
     def plan_adapters(self):

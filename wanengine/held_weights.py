@@ -64,11 +64,9 @@ def load_dtypes(cfg) -> Tuple[Any, Any, Any]:
     """(run dtype, `--quantize` dtype or None, `--quantize-t5` dtype or None) of an `EngineConfig`,
     as the engine resolves them."""
     from .device import resolve_dtype
-    from .quant.schemes import resolve_quant_dtype
+    from .quant.schemes import config_quant_dtype
 
-    quantize = resolve_quant_dtype(cfg.quantize, "quantize") if cfg.quantize else None
-    quantize_t5 = resolve_quant_dtype(cfg.quantize_t5, "quantize_t5") if cfg.quantize_t5 else None
-    return resolve_dtype(cfg.dtype), quantize, quantize_t5
+    return resolve_dtype(cfg.dtype), config_quant_dtype(cfg, "quantize"), config_quant_dtype(cfg, "quantize_t5")
 
 
 def t5_for_config(layout, cfg):

@@ -105,6 +105,18 @@ def needs_unconditional(timesteps: Sequence[Timestep], guide_scale: Tuple[float,
     return not all(guidance_off(s) for s in step_scales(timesteps, guide_scale))
 
 
+def runs_unconditional(opts) -> bool:
+    """Whether generating with `opts` (`GenerationOptions`) runs the unconditional branch on any
+    step -- what CFG parallel needs -- from the sampler's timesteps (built only when a guide
+    scale is 1.0: otherwise every step runs it)."""
+    if not any(guidance_off(scale) for scale in opts.guidance):
+        return True
+    from .schedulers import make_sampler
+
+    timesteps = make_sampler(opts.solver, opts.steps, opts.shift, step_list=opts.denoising_steps).timesteps
+    return needs_unconditional(timesteps.tolist(), opts.guidance)
+
+
 def conditional_only(expert: Expert, latent: torch.Tensor, t: Timestep, contexts: Sequence[Optional[torch.Tensor]],
                      y: torch.Tensor, seq_len: int) -> torch.Tensor:
     """The conditional prediction alone: the guided flow at scale 1.0, one forward."""

@@ -59,12 +59,10 @@ def check_fewstep_run(cfg: EngineConfig, opts: GenerationOptions, layout) -> Non
     """Before any weight: every adapter against the experts' shapes (headers only), and
     `--cfg-size 2` refused when no step runs the unconditional branch."""
     from .adapters.plan import plan_checkpoint_adapters
-    from .pipeline import needs_unconditional
-    from .schedulers import make_sampler
+    from .pipeline import runs_unconditional
 
     plan_checkpoint_adapters(cfg.loras, layout)
-    timesteps = make_sampler(opts.solver, opts.steps, opts.shift, step_list=opts.denoising_steps).timesteps
-    if cfg.cfg_size == 2 and not needs_unconditional(timesteps.tolist(), opts.guidance):
+    if cfg.cfg_size == 2 and not runs_unconditional(opts):
         from .parallel.engine import nothing_to_split
 
         raise nothing_to_split()

@@ -14,7 +14,7 @@ scale_r * 2**-10)` -- half an ulp of a normal e4m3 number, or half the subnormal
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -36,6 +36,12 @@ def resolve_quant_dtype(name: str, argument: str = "quantize") -> torch.dtype:
         choices = ", ".join(QUANT_DTYPES)
         raise InvalidArgument(argument, f"{name!r} is not an 8-bit format; choose one of {choices}")
     return QUANT_DTYPES[name]
+
+
+def config_quant_dtype(cfg: Any, option: str) -> Optional[torch.dtype]:
+    """The 8-bit storage dtype an `EngineConfig`'s `quantize` / `quantize_t5` asks for, or None."""
+    name = getattr(cfg, option)
+    return resolve_quant_dtype(name, option) if name else None
 
 
 def is_eight_bit(dtype: torch.dtype) -> bool:

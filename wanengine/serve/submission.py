@@ -221,16 +221,12 @@ def check_for_engine(opts: GenerationOptions, engine: Any) -> None:
         raise RequestError(422, f"{field}: {opts.steps} steps, but this server's mag-cache table (--cache-table) "
                                 f"was recorded for {table.steps}; send {table.steps} steps")
     from ..errors import ConfigError
-    from ..pipeline import guidance_off, needs_unconditional
+    from ..pipeline import runs_unconditional
 
     check_guidance = getattr(engine, "check_guidance", None)
-    if check_guidance is not None and any(guidance_off(scale) for scale in opts.guidance):
-        # only then can a step lack the unconditional branch (the sampler is built just for this)
-        from ..schedulers import make_sampler
-
-        timesteps = make_sampler(opts.solver, opts.steps, opts.shift, step_list=opts.denoising_steps).timesteps
+    if check_guidance is not None:
         try:
-            check_guidance(needs_unconditional(timesteps.tolist(), opts.guidance))
+            check_guidance(runs_unconditional(opts))
         except ConfigError:
             raise RequestError(422, f"guide_scale: {list(opts.guidance)} turns guidance off on every step, but this "
                                     "server splits the two guidance branches over its ranks (--cfg-size 2); send "
