@@ -134,3 +134,33 @@ def test_a_real_lora_file_on_a_stored_int8_expert(tmp_path: Path, golden_ckpt: P
     assert eight_bit_modules(model)["blocks.1.ffn.0"].weight.dtype == torch.int8
     assert float((_forward(model, inputs) - _forward(load_dit(tmp_path / "copy", dtype=torch.float32), inputs))
                  .abs().max()) <= 1e-5
+
+
+def test_the_engine_plans_and_merges_a_lora_into_a_published_int8_expert(tmp_path: Path, golden_ckpt: Path,
+                                                                          case) -> None:
+    """Through the engine's own preflight: the adapter is planned against the 8-bit expert's
+    headers (its weights keep the model's names and shapes; the scales are not targets), merged
+    while it streams, and `describe_adapter` (`info --lora`) reads the same checkpoint."""
+    from lora_helpers import lora_tensors, random_lora, write_lora
+    from quant_files import checkpoint_with_experts
+    from wanengine import Engine, EngineConfig
+    from wanengine.adapters import LoraSpec
+    from wanengine.adapters.inspect import describe_adapter
+    from wanengine.io.checkpoint import preflight_checkpoint
+
+    _, expert = case
+    modules = ("blocks.0.self_attn.q", "blocks.1.ffn.0")
+    pairs = random_lora({n: t.shape for n, t in expert.items()}, modules, rank=4, seed=5)
+    adapter = write_lora(tmp_path / "adapter.safetensors", lora_tensors(pairs, "lora_A", "diffusion_model."))
+    stored, _ = quantize_file(expert, "lightx2v-int8")
+    root = checkpoint_with_experts(tmp_path / "ckpt", golden_ckpt,
+                                   {LOW: stored, "high_noise_model": read_expert(golden_ckpt / "high_noise_model")})
+    described = describe_adapter(adapter, preflight_checkpoint(root))
+    assert described  # planned against both experts, the int8 one included, without an error
+    base = dict(ckpt_dir=str(root), device="cpu", dtype="float32", progress=False)
+    plain = Engine(EngineConfig(**base))
+    merged = Engine(EngineConfig(**base, loras=(LoraSpec(str(adapter), strength=0.5, expert="low"),)))
+    low_plain, low_merged = (eight_bit_modules(e.experts.experts[LOW]) for e in (plain, merged))
+    assert low_merged["blocks.1.ffn.0"].weight.dtype == torch.int8
+    assert not torch.equal(low_plain["blocks.1.ffn.0"].weight, low_merged["blocks.1.ffn.0"].weight)
+    assert torch.equal(low_plain["blocks.0.ffn.0"].weight, low_merged["blocks.0.ffn.0"].weight)  # not targeted

@@ -62,16 +62,12 @@ def describe_plan(plan: AdapterPlan) -> Dict[str, Any]:
 def describe_adapter(path: Union[str, "os.PathLike[str]"], layout=None) -> Dict[str, Any]:
     """The adapter checked against each expert of a preflighted checkpoint `layout`
     (`io.checkpoint.preflight_checkpoint`), or the released A14B shapes without one."""
-    from .plan import read_header
+    from .plan import checkpoint_expert_shapes, read_header
 
     path = Path(path)
     experts: Mapping[str, Mapping[str, Tuple[int, ...]]]
     if layout is not None:
-        from ..io.checkpoint import EXPERTS
-        from ..models.dit_loading import inspect_expert
-
-        experts = {e: {r.name: r.shape for r in inspect_expert(layout.expert(e), config_file=layout.dit_config).records}
-                   for e in EXPERTS}
+        experts = checkpoint_expert_shapes(layout)
         against = str(layout.root) if layout.root is not None else "the given experts"
     else:
         experts = {"Wan2.2-I2V-A14B": released_expert_shapes()}

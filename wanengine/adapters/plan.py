@@ -158,13 +158,21 @@ def plan_adapters(specs: Sequence[LoraSpec], expert_shapes: Mapping[str, Mapping
     return plans
 
 
+def checkpoint_expert_shapes(layout) -> Dict[str, Dict[str, Tuple[int, ...]]]:
+    """Each expert's tensor names and shapes in the model's naming, from the headers -- 8-bit
+    experts included (their weights keep the model's names and shapes; scales are set aside)."""
+    from ..io.checkpoint import EXPERTS
+    from ..quant.loading import inspect_expert_8bit
+
+    return {name: {r.name: r.shape for r in inspect_expert_8bit(layout.expert(name),
+                                                                config_file=layout.dit_config).plan.records}
+            for name in EXPERTS}
+
+
 def plan_checkpoint_adapters(specs: Sequence[LoraSpec], layout) -> Dict[str, List[AdapterPlan]]:
     """`plan_adapters` for the experts of a checkpoint layout (their shapes from the headers)."""
     from ..io.checkpoint import EXPERTS
-    from ..models.dit_loading import inspect_expert
 
     if not specs:
         return {name: [] for name in EXPERTS}
-    shapes = {name: {r.name: r.shape for r in inspect_expert(layout.expert(name), config_file=layout.dit_config).records}
-              for name in EXPERTS}
-    return plan_adapters(specs, shapes)
+    return plan_adapters(specs, checkpoint_expert_shapes(layout))
