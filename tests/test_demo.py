@@ -52,6 +52,18 @@ def test_demo_rejects_a_bad_device_as_a_usage_error(tmp_path):
     assert info.value.code == 2 and not (tmp_path / "d.mp4").exists()
 
 
+def test_demo_checks_its_companion_pngs_before_any_work(tmp_path, capsys):
+    from wanengine import cli
+
+    (tmp_path / "d_preview.png").mkdir()  # where the preview would go
+    with pytest.raises(SystemExit) as info:
+        cli.main(["demo", "--out", str(tmp_path / "d.mp4"), "--device", "cpu",
+                  "--cache-dir", str(tmp_path / "cache")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and len(err) == 1 and "d_preview.png is a directory" in err[0], err
+    assert not (tmp_path / "d.mp4").exists() and not (tmp_path / "cache").exists()  # nothing built or written
+
+
 @pytest.mark.slow
 def test_concurrent_demos_on_one_cache_all_succeed(tmp_path):
     """Three `wanengine demo` processes racing to build one fresh cache: all succeed

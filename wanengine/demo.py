@@ -160,12 +160,14 @@ def run_demo(out: Path, *, cache_dir: Optional[Path] = None, seed: int = 42,
     from .config import EngineConfig
     from .device import resolve_device
     from .engine import Engine
-    from .io.output_paths import check_run_outputs
+    from .io.output_paths import check_output_file, check_run_outputs
     from .io.video import check_output_path
     from .stage_log import StageLog
     from .timing import StageTimer
 
     out = check_output_path(out, "out")
+    # the PNGs written beside it obey the same rules, checked before any work too
+    input_path, preview_path = (check_output_file(path, "out", extensions=(".png",)) for path in companion_paths(out))
     resolved = resolve_device(device)
     dtype = dtype or ("float32" if resolved.type == "cpu" else "bfloat16")
     cfg = EngineConfig(ckpt_dir=".", device=str(resolved), dtype=dtype, progress=progress).validate()
@@ -178,7 +180,7 @@ def run_demo(out: Path, *, cache_dir: Optional[Path] = None, seed: int = 42,
     with timer.stage("prepare checkpoint"):
         ckpt = demo_checkpoint(cache_dir)
     say(f"demo checkpoint: {ckpt}")
-    check_run_outputs({"out": out}, ckpt_dir=ckpt)
+    check_run_outputs({"out": out}, ckpt_dir=ckpt)  # the PNGs share its directory
     engine = Engine(replace(cfg, ckpt_dir=str(ckpt)))
     for name, seconds in engine.load_timer.seconds.items():
         timer.add(name, seconds)
@@ -189,7 +191,6 @@ def run_demo(out: Path, *, cache_dir: Optional[Path] = None, seed: int = 42,
             timer.add(name, seconds)
     with timer.stage("write", f"{out} and its input and preview PNGs"):
         video.save(out)
-        input_path, preview_path = companion_paths(out)
         save_png(image, input_path)
         save_png(side_by_side(image, video), preview_path)
     width, height = video.size
