@@ -22,8 +22,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional, Tuple
 
-GB = 1e9
-
 
 @dataclass(frozen=True)
 class HeldWeights:

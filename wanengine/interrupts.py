@@ -29,6 +29,8 @@ import signal
 import threading
 from typing import Dict, List, Optional, Set, Union
 
+from .runtime_env import is_lead_rank
+
 GRACE_S = 5.0
 HANDLED = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 PathLike = Union[str, "os.PathLike[str]"]
@@ -127,7 +129,7 @@ def report(signum: int) -> int:
         first = _State.first
         if not _State.reported:
             _State.reported = True
-            if os.environ.get("RANK", "0") == "0":  # one line for a torchrun job: rank 0's
+            if is_lead_rank():  # one line for a torchrun job: rank 0's
                 _write_stderr(report_line(first) + "\n")
     return exit_code(first)
 
@@ -234,10 +236,6 @@ def uninstall() -> None:
         _State.first, _State.reported, _State.finishing, _State.raising = None, False, False, False
         _State.written = []
         _State.temp_files, _State.temp_dirs = set(), set()
-
-
-def is_installed() -> bool:
-    return _State.installed
 
 
 def install_if_cli_process() -> None:

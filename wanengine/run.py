@@ -15,7 +15,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 from .cache.report import cache_summary, check_cache_table
 from .config import EngineConfig, GenerationOptions, check_frame_size, latent_grid
@@ -75,10 +75,11 @@ def default_output_name(opts: GenerationOptions, frame_size: tuple) -> Path:
 
 
 def check_before_torch(cfg: EngineConfig, opts: GenerationOptions, image_path, out: Optional[Path] = None,
-                       metrics_json: Optional[Path] = None) -> None:
+                       metrics_json: Optional[Path] = None) -> Tuple[Optional[Path], Optional[Path]]:
     """The input checks that need no torch, run before torch's 1-5 s import so that the most
     common mistakes -- a mistyped checkpoint, image, adapter, table or output path -- come back
-    at once. The full checks (headers, shapes, the parallel layout) follow later."""
+    at once. The full checks (headers, shapes, the parallel layout) follow later. Returns the
+    output paths to write (`out`, `metrics_json`; a symlink resolved, None where not given)."""
     from .adapters.plan import check_adapter_file
     from .io.checkpoint import resolve_sources
     from .io.image_input import normalize_image_input
@@ -89,10 +90,8 @@ def check_before_torch(cfg: EngineConfig, opts: GenerationOptions, image_path, o
     for spec in cfg.loras:
         check_adapter_file(Path(os.fspath(spec.path)))
     check_cache_table(cfg, opts.steps)
-    if out is not None:
-        check_output_file(out, "out", extensions=VIDEO_EXTENSIONS)
-    if metrics_json is not None:
-        check_output_file(metrics_json, "metrics_json")
+    return (check_output_file(out, "out", extensions=VIDEO_EXTENSIONS) if out is not None else None,
+            check_output_file(metrics_json, "metrics_json") if metrics_json is not None else None)
 
 
 def preflight_run(cfg: EngineConfig, opts: GenerationOptions, image_path, out: Optional[Path],
@@ -107,17 +106,15 @@ def preflight_run(cfg: EngineConfig, opts: GenerationOptions, image_path, out: O
     with timer.stage("check inputs"):
         cfg.validate()
         opts.validate()
-        check_before_torch(cfg, opts, image_path, out, metrics_json)
+        out, metrics_json = check_before_torch(cfg, opts, image_path, out, metrics_json)
     with timer.stage("import torch"):  # its own row: 1-5 s that would otherwise hide in the checks
         import torch  # noqa: F401
 
         from .io.image import open_image
-        from .io.video import check_output_path
     with timer.stage("check inputs"):
         layout = preflight_checkpoint(cfg.ckpt_dir, cfg.component_overrides(), cfg.dit_config)
         expert_config = layout.dit_configs[EXPERTS[0]]
         check_parallel_layout(cfg, expert_config.num_heads)
-        check_cache_table(cfg, opts.steps)
         check_fewstep_run(cfg, opts, layout)
     with timer.stage("read image", f"({image_path})"):
         image = open_image(image_path)
@@ -127,9 +124,8 @@ def preflight_run(cfg: EngineConfig, opts: GenerationOptions, image_path, out: O
             opts = opts.with_seed(random.randint(0, 2**31 - 1))
         frame_size = (8 * lat_w, 8 * lat_h)
         check_frame_size(*frame_size)
-        out = check_output_path(out if out is not None else default_output_name(opts, frame_size), "out")
-        if metrics_json is not None:
-            metrics_json = check_output_file(metrics_json, "metrics_json")
+        if out is None:  # named from the settings: known only now
+            out = check_output_file(default_output_name(opts, frame_size), "out", extensions=VIDEO_EXTENSIONS)
         outputs = {"out": out, **({"metrics_json": metrics_json} if metrics_json is not None else {})}
         check_run_outputs(outputs, image=image_path, ckpt_dir=cfg.ckpt_dir,
                           reads=[part.path for part in layout.components.values()])
@@ -189,13 +185,6 @@ def run_i2v(plan: RunPlan, say: Callable[..., None] = lambda message, level=1: p
         if plan.metrics_json is not None:
             write_metrics(plan.metrics_json, video.metadata, plan.out)
     return plan.out
-
-
-def stage_table(timings: dict, wall: Optional[float] = None) -> str:
-    """`timings` (stage -> seconds) as the printed table; see `StageTimer.table`."""
-    timer = StageTimer()
-    timer.seconds.update(timings)
-    return timer.table(wall=wall)
 
 
 def write_metrics(path: Path, metadata: dict, out: Path) -> None:

@@ -9,8 +9,6 @@ from __future__ import annotations
 import sys
 from typing import Optional, TextIO
 
-GB = 1e9
-
 
 def human_bytes(nbytes: float) -> str:
     for scale, unit in ((1e9, "GB"), (1e6, "MB"), (1e3, "kB")):

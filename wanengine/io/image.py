@@ -56,7 +56,7 @@ def open_image(image: ImageLike) -> Image.Image:
         pil = decode_bounded(image.stream, label)
     else:
         label = os.fspath(image)
-        pil = _decode_file(label)
+        pil = decode_bounded(label, label)  # normalize_image_input checked it is a regular file
     try:
         pil = ImageOps.exif_transpose(pil)
     except Exception:  # a malformed EXIF block should not stop the run; orientation stays as stored
@@ -64,15 +64,6 @@ def open_image(image: ImageLike) -> Image.Image:
     if pil.width < 1 or pil.height < 1:
         raise InvalidArgument("image", f"{label}: image has no pixels")
     return to_rgb(pil, label)
-
-
-def _decode_file(label: str) -> Image.Image:
-    from .file_kinds import not_a_file_reason
-
-    problem = not_a_file_reason(label)
-    if problem is not None:
-        raise InvalidArgument("image", f"{label}: {problem}")
-    return decode_bounded(label, label)
 
 
 def decode_bounded(source: Any, label: str) -> Image.Image:

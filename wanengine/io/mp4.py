@@ -23,7 +23,6 @@ import numpy as np
 from .atomic import OutputWriteError
 
 CRF = 10  # imageio's quality=8 for libx264: int((1 - 8 / 10) * 51)
-_CONTAINERS = {b"moov", b"trak", b"mdia", b"minf", b"stbl", b"udta", b"ilst"}
 
 
 def _ffmpeg_command(path: Path, width: int, height: int, fps: int, comment: Optional[str]) -> list:
