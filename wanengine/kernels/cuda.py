@@ -194,7 +194,6 @@ def layer_norm_modulate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tenso
 # before the matmul, exactly as `reference.linear8`.
 _FP8_DTYPE = getattr(torch, "float8_e4m3fn", None)
 HAS_SCALED_MM = hasattr(torch, "_scaled_mm") and _FP8_DTYPE is not None
-FP8_MAX = 448.0
 # Device types on which the fp8 GEMM may run (a tuple so tests can point it at the CPU, where
 # torch._scaled_mm also exists).
 _FP8_MM_DEVICE_TYPES = ("cuda",)
@@ -205,11 +204,11 @@ _fp8_modes: dict = {}
 
 def per_token_fp8(x2d: torch.Tensor) -> "tuple[torch.Tensor, torch.Tensor]":
     """Dynamic symmetric per-token quantization of `[M, K]` activations to float8_e4m3fn:
-    `scale = row_absmax / 448` (1 for an all-zero row), `q = (x / scale)` cast -> (q, scale [M, 1])."""
-    xf = x2d.to(torch.float32)
-    absmax = xf.abs().amax(dim=1, keepdim=True)
-    scale = torch.where(absmax > 0, absmax / FP8_MAX, torch.ones_like(absmax))
-    return (xf / scale).clamp_(-FP8_MAX, FP8_MAX).to(_FP8_DTYPE), scale
+    `scale = row_absmax / 448` (1 for an all-zero row), `q = (x / scale)` cast -> (q, scale [M, 1]):
+    the weights' row rule (`quant.schemes.quantize_rows`, one float32 working copy) on tokens."""
+    from ..quant.schemes import quantize_rows
+
+    return quantize_rows(x2d, _FP8_DTYPE)
 
 
 def _fp8_mode(device: torch.device) -> Optional[str]:

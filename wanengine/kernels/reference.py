@@ -66,5 +66,7 @@ def linear8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
     """8-bit linear by dequantizing just before the matmul: `W = qweight.float() * scale` in float32,
     cast to x's dtype, then `F.linear`. In float32 this is exactly the layer with the dequantized
     weight stored in full precision (the accuracy baseline of every 8-bit path)."""
-    weight = (qweight.to(torch.float32) * scale.to(torch.float32)).to(x.dtype)
+    from ..quant.schemes import dequantize
+
+    weight = dequantize(qweight, scale, x.dtype)
     return F.linear(x, weight, bias.to(x.dtype) if bias is not None else None)
