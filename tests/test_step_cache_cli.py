@@ -4,6 +4,7 @@ metrics and stage table report the skipped steps."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import List
 
@@ -79,6 +80,11 @@ def test_bad_calibrate_output_fails_before_loading(golden, tmp_path, capsys, no_
             "--prompt", "a cat", "--out", str(tmp_path / "table.txt")]
     assert _main(args) == 2
     assert "--out" in capsys.readouterr().err
+    # the output-path rules of every command (io.output_paths), not a weaker copy
+    os.symlink(tmp_path / "elsewhere" / "t.json", tmp_path / "link.json")
+    (tmp_path / "elsewhere").mkdir()
+    assert _main([*args[:-1], str(tmp_path / "link.json")]) == 2
+    assert "is a symlink to" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -74,11 +74,8 @@ def say_progress() -> bool:
 
 
 def check_table_path(out: Path) -> None:
-    """`--out` must be a .json file in an existing directory."""
-    if out.suffix.lower() != ".json":
-        raise ConfigError(f"--out: {out}: a mag table is written as .json")
-    if out.is_dir():
-        raise ConfigError(f"--out: {out} is a directory")
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise ConfigError(f"--out: {out}: directory {parent} does not exist")
+    """`--out` follows the output-path rules (`io.output_paths`: a new or regular .json file in
+    an existing, writable directory), checked before any weight is read."""
+    from ..io.output_paths import check_output_file
+
+    check_output_file(out, "out", extensions=(".json",))
