@@ -256,3 +256,14 @@ def test_image_bytes_above_the_bomb_limit_are_refused(monkeypatch):
     library, cli = library_and_cli_words(info.value, "image")
     assert library.startswith("image: the bytes given: too many pixels to decode safely")
     assert cli.startswith("--image: the bytes given: ")
+
+
+def test_frame_size_bound_holds_for_every_caller_of_latent_grid():
+    """The bound lives in `latent_grid`, so the library, serve and the CLI all meet it."""
+    from wanengine.config import latent_grid
+
+    with pytest.raises(InvalidArgument) as info:
+        latent_grid(720, 1280, 40000 * 22500, 1)
+    library, cli = library_and_cli_words(info.value, "max_area")
+    assert "at most 16384 pixels per side" in library and library.endswith("lower size/max_area)")
+    assert cli.endswith("lower --size/--max-area)")

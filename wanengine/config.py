@@ -278,13 +278,16 @@ def check_frame_size(width: int, height: int) -> None:
     from .limits import MAX_SIDE
 
     if max(width, height) > MAX_SIDE:
-        raise InvalidArgument("max_area", f"gives a {width}x{height} frame; at most {MAX_SIDE} pixels per side "
-                                          "(the model's RoPE positions; lower --size/--max-area)")
+        raise InvalidArgument.for_argument("max_area", lambda words: (
+            f"gives a {width}x{height} frame; at most {MAX_SIDE} pixels per side (the model's RoPE positions; "
+            f"lower {words.name('size')}/{words.name('max_area')})"))
 
 
 def latent_grid(image_height: int, image_width: int, max_area: int, frame_num: int) -> Tuple[int, int, int]:
     """(latent frames F', lat_h, lat_w) following the image's aspect within max_area (spec
-    pipeline.md 1.); raises InvalidArgument (`max_area`) if the area leaves no latent row or column."""
+    pipeline.md 1.); raises InvalidArgument (`max_area`) if the area leaves no latent row or column
+    or gives a frame above `check_frame_size`'s bound -- so every caller (engine, CLI, serve) is held
+    to it."""
     aspect = image_height / image_width
     lat_h = round(math.floor(math.floor(math.sqrt(max_area * aspect) / VAE_STRIDE[1]) / PATCH[1]) * PATCH[1])
     lat_w = round(math.floor(math.floor(math.sqrt(max_area / aspect) / VAE_STRIDE[2]) / PATCH[2]) * PATCH[2])
@@ -292,4 +295,5 @@ def latent_grid(image_height: int, image_width: int, max_area: int, frame_num: i
         raise InvalidArgument(
             "max_area", f"{max_area} is too small for a {image_width}x{image_height} image "
             f"(gives a {lat_w * 8}x{lat_h * 8} frame; needs at least 16x16 pixels of output)")
+    check_frame_size(8 * lat_w, 8 * lat_h)
     return (frame_num - 1) // VAE_STRIDE[0] + 1, lat_h, lat_w

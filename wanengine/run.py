@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
 
 from .cache.report import cache_summary, check_cache_table
-from .config import EngineConfig, GenerationOptions, check_frame_size, latent_grid
+from .config import EngineConfig, GenerationOptions, latent_grid
 from .errors import ConfigError
 from .io.checkpoint import EXPERTS, preflight_checkpoint
 from .io.output_paths import VIDEO_EXTENSIONS, check_output_file, check_run_outputs
@@ -123,7 +123,6 @@ def preflight_run(cfg: EngineConfig, opts: GenerationOptions, image_path, out: O
         if opts.seed < 0:  # draw now so the file name, the log and the metadata agree
             opts = opts.with_seed(random.randint(0, 2**31 - 1))
         frame_size = (8 * lat_w, 8 * lat_h)
-        check_frame_size(*frame_size)
         if out is None:  # named from the settings: known only now
             out = check_output_file(default_output_name(opts, frame_size), "out", extensions=VIDEO_EXTENSIONS)
         outputs = {"out": out, **({"metrics_json": metrics_json} if metrics_json is not None else {})}
