@@ -79,3 +79,17 @@ def test_sharded_experts_cannot_be_offloaded(golden_ckpt):
     cfg = EngineConfig(ckpt_dir=str(golden_ckpt), device="cpu", dit_fsdp=True, offload_model=True)
     with pytest.raises(ConfigError, match="dit_fsdp=True with offload_model=True"):
         ParallelEngine(cfg)  # refused before any process group or weight
+
+
+def test_step_cache_with_fsdp1_is_refused_before_any_group(golden_ckpt, monkeypatch):
+    """Under FSDP1 (torch < 2.4) the wrapper would hide the patched blocks and the cache would
+    silently skip nothing: refused with one line, before joining a process group."""
+    import wanengine.parallel.engine as parallel_engine
+
+    monkeypatch.setattr(parallel_engine, "fsdp2_available", lambda: False)
+    monkeypatch.setattr(parallel_engine, "init_parallel", lambda *a, **k: pytest.fail("joined a group"))
+    cfg = EngineConfig(ckpt_dir=str(golden_ckpt), device="cpu", dit_fsdp=True, step_cache="first-block",
+                       cache_threshold=0.1)
+    with pytest.raises(ConfigError, match=r"^step_cache='first-block' with dit_fsdp=True needs FSDP2") as info:
+        parallel_engine.ParallelEngine(cfg)
+    assert info.value.cli_message.startswith("--step-cache first-block with --dit-fsdp needs FSDP2")

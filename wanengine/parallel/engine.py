@@ -33,7 +33,7 @@ from ..io.checkpoint import EXPERTS
 from ..runtime_env import is_lead_rank
 from ..stage_log import StageLog
 from .cfg_parallel import make_cfg_parallel_guidance
-from .fsdp import load_dit_sharded, load_t5_sharded, reshard, world_mesh
+from .fsdp import fsdp2_available, load_dit_sharded, load_t5_sharded, reshard, world_mesh
 from .groups import ParallelState, all_reduce_int, broadcast_int, init_parallel, shutdown
 from .ulysses import apply_ulysses
 from .vae_split import apply_vae_split
@@ -57,6 +57,11 @@ class ParallelEngine(Engine):
             raise ConfigError.worded(lambda words: (
                 f"{words.setting('dit_fsdp')} with {words.setting('offload_model')}: sharded experts stay on the "
                 f"devices (about 1/world of each per card); drop {words.name('offload_model')}"))
+        if cfg.dit_fsdp and cfg.step_cache != "off" and not fsdp2_available():
+            # FSDP1 wraps the expert: the cache's patch on the inner model would never be called
+            raise ConfigError.worded(lambda words: (
+                f"{words.setting('step_cache', cfg.step_cache)} with {words.setting('dit_fsdp')} needs FSDP2 "
+                f"(torch >= 2.4; this is {torch.__version__})"))
         if cfg.t5_fsdp and cfg.t5_cpu and device_type != "cpu":
             raise ConfigError.worded(lambda words: (
                 f"{words.setting('t5_fsdp')} with {words.setting('t5_cpu')}: a sharded text encoder runs on the "
