@@ -306,11 +306,10 @@ def open_t5(path: PathLike, *, dtype: Optional[torch.dtype] = None,
 def load_t5(path: PathLike, *, device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.bfloat16,
             quantize: Optional[torch.dtype] = None) -> nn.Module:
     """`models.t5.load_t5` with 8-bit block linears (stored, or quantized at load with `quantize`).
-    Without either it is `models.t5.load_t5` itself."""
-    from ..models.t5 import load_t5 as load_plain
+    Without either it streams exactly as `models.t5.load_t5` does, from the file opened once."""
+    from ..models.loading import assign_streaming
 
     model, tensors, source = open_t5(path, dtype=dtype, quantize=quantize)
     if not tensors.eight_bit.quantized and not tensors.quantize_modules:
-        del model, tensors
-        return load_plain(path, device=device, dtype=dtype)
+        return assign_streaming(model, tensors.stream(), device=device, dtype=dtype, source=source)
     return install_streaming(model, tensors.stream(), device=device, dtype=dtype, source=source)
