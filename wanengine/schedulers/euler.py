@@ -16,14 +16,13 @@ a Python float so `step()` is one multiply-add in the sample's dtype on its devi
 """
 from __future__ import annotations
 
-import math
 from typing import List, Optional, Sequence, Union
 
 import torch
 
 from wanengine.config import check_step_list
-from wanengine.errors import ConfigError, InvalidArgument
-from wanengine.schedulers.schedule import NUM_TRAIN_TIMESTEPS, FlowSchedule, StepCursor, _numpy_linspace
+from wanengine.errors import InvalidArgument
+from wanengine.schedulers.schedule import NUM_TRAIN_TIMESTEPS, FlowSchedule, StepCursor, _numpy_linspace, _validate
 
 
 def _sigma_train(t: float) -> float:
@@ -43,12 +42,10 @@ def euler_schedule(steps: int, shift: float, step_list: Optional[Sequence[float]
         if steps is not None and steps != len(grid):
             raise InvalidArgument.for_argument("denoising_steps", lambda words: (
                 f"gives {len(grid)} steps but {words.name('steps')} is {steps}"))
-    else:
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ConfigError(f"sampling steps must be a positive integer, got {steps!r}")
+        steps = len(grid)
+    _validate(steps, shift)  # the samplers' shared steps / shift checks
+    if step_list is None:
         grid = _numpy_linspace(float(NUM_TRAIN_TIMESTEPS), 0.0, steps + 1)[:-1]
-    if not isinstance(shift, (int, float)) or isinstance(shift, bool) or not math.isfinite(shift) or shift <= 0:
-        raise ConfigError(f"sample shift must be a positive finite number, got {shift!r}")
     shift = float(shift)
     train = [_sigma_train(t) for t in grid]
     sig = [shift * x / (1.0 + (shift - 1.0) * x) for x in train]
