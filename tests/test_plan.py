@@ -328,3 +328,16 @@ def test_host_memory_of_offloaded_weights():
     replicated = make_plan(device="h100", ulysses_size=8)
     assert any("each of the 8 ranks keeps" in w for w in replicated.warnings)
     assert make_plan(device="h100", ulysses_size=8, dit_fsdp=True, t5_fsdp=True).host_bytes_per_rank == 0
+
+
+def test_plan_device_follows_the_engines_rule():
+    """`plan --device` accepts exactly what `i2v --device` accepts (`config.check_device_name`)."""
+    from wanengine.config import EngineConfig
+    from wanengine.plan import placement_kind
+
+    for bad in ("cuda:abc", " CPU ", "gpu"):
+        with pytest.raises(ConfigError, match="^--device: "):
+            placement_kind(bad, None)
+        with pytest.raises(ConfigError):
+            EngineConfig(ckpt_dir="x", device=bad).validate()
+    assert placement_kind("npu:1", None) == "accelerator" and placement_kind("cpu", None) == "cpu"

@@ -102,8 +102,8 @@ class EngineConfig:
                 raise InvalidArgument(name, f"{getattr(self, name)!r} is not one of {', '.join(DTYPES)}")
         if self.kernel_backend not in KERNEL_BACKENDS:
             raise InvalidArgument("kernel_backend", f"{self.kernel_backend!r} is not one of {', '.join(KERNEL_BACKENDS)}")
-        if self.device is not None and not re.fullmatch(r"(cpu|cuda|npu)(:\d+)?", self.device):
-            raise InvalidArgument("device", f"{self.device!r} is not cpu, cuda[:N] or npu[:N]")
+        if self.device is not None:
+            check_device_name(self.device)
         for name in ("ulysses_size", "cfg_size"):
             if getattr(self, name) < 1:
                 raise InvalidArgument(name, f"must be >= 1, got {getattr(self, name)}")
@@ -125,6 +125,13 @@ class EngineConfig:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1 or self.dit_fsdp or self.t5_fsdp or self.vae_parallel
+
+
+def check_device_name(device: str) -> str:
+    """`cpu`, `cuda[:N]` or `npu[:N]` -> its kind ("cpu" / "cuda" / "npu"), or an InvalidArgument."""
+    if not isinstance(device, str) or not re.fullmatch(r"(cpu|cuda|npu)(:\d+)?", device):
+        raise InvalidArgument("device", f"{device!r} is not cpu, cuda[:N] or npu[:N]")
+    return device.split(":")[0]
 
 
 def parse_size(size: Union[str, Sequence[int]]) -> Tuple[int, int]:

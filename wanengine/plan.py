@@ -14,10 +14,10 @@ import math
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
-from .config import DTYPES, PATCH, SOLVERS, latent_grid, parse_size
+from .config import DTYPES, PATCH, SOLVERS, check_device_name, latent_grid, parse_size
 from .cache.memory import cache_assumption, cache_bytes
 from .constants import constants
-from .errors import ConfigError
+from .errors import ConfigError, InvalidArgument
 
 if TYPE_CHECKING:
     from .held_weights import HeldWeights
@@ -73,9 +73,10 @@ def placement_kind(placement: Optional[str], preset: Optional["DevicePreset"]) -
     `--device` value (cpu, cuda[:N], npu[:N]); without one the preset decides, and without a
     preset an accelerator is assumed (the engine's default device is npu > cuda > cpu)."""
     if placement is not None:
-        kind = placement.strip().lower().split(":")[0]
-        if kind not in ("cpu", "cuda", "npu"):
-            raise ConfigError(f"--device: {placement!r} is not cpu, cuda[:N] or npu[:N]")
+        try:
+            kind = check_device_name(placement)  # i2v's rule
+        except InvalidArgument as exc:
+            raise ConfigError(exc.cli_message) from None  # plan's messages name its flags
         return "cpu" if kind == "cpu" else "accelerator"
     if preset is not None and not preset.accelerator:
         return "cpu"
