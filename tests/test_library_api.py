@@ -121,3 +121,18 @@ def test_on_step_reports_and_cancelling_leaves_the_engine_usable(engine, golden)
     again = engine.i2v(golden / "input.png", "a cat", seed=11, **SMALL)
     assert torch.equal(first.latent, again.latent) and torch.equal(first.tensor, again.tensor)
     assert again.frames.dtype == np.uint8 and repr(again).startswith("Video(1 frames of ")
+
+
+def test_a_checked_layout_is_not_checked_again(golden_ckpt, monkeypatch):
+    """The CLI's and the server's preflight hand their checked layout to the engine: its headers
+    are read once, and adapters are planned from the shapes the preflight recorded."""
+    import wanengine.engine as engine_module
+    from wanengine import Engine, EngineConfig
+    from wanengine.io.checkpoint import EXPERTS, preflight_checkpoint
+
+    layout = preflight_checkpoint(str(golden_ckpt))
+    assert set(layout.expert_shapes) == set(EXPERTS) and layout.expert_shapes[EXPERTS[0]]["head.head.weight"]
+    monkeypatch.setattr(engine_module, "preflight_checkpoint", lambda *a, **k: pytest.fail("checked twice"))
+    engine = Engine(EngineConfig(ckpt_dir=str(golden_ckpt), device="cpu", dtype="float32", progress=False),
+                    layout=layout)
+    assert engine.layout is layout

@@ -23,7 +23,7 @@ from .cache.state import CacheLayout
 from .config import EngineConfig, GenerationOptions, latent_grid
 from .device import prepare_device, resolve_device, resolve_dtype, synchronizer
 from .experts import ExpertSwitcher
-from .io.checkpoint import EXPERTS, preflight_checkpoint
+from .io.checkpoint import EXPERTS, CheckpointLayout, preflight_checkpoint
 from .io.image import ImageLike, image_to_tensor, open_image
 from .io.video import Video
 from .numerics import check_finite, hinted
@@ -49,15 +49,20 @@ class Engine:
         >>> engine = Engine(EngineConfig(ckpt_dir="Wan2.2-I2V-A14B"))
         >>> video = engine.i2v("cat.jpg", "a cat surfing", frame_num=81)
         >>> video.save("cat.mp4")
+
+    `layout`: the checkpoint as `io.checkpoint.preflight_checkpoint` already checked it for this
+    `cfg` (the CLI's and the server's preflight hand theirs over, so the headers are read once);
+    None checks it here.
     """
 
-    def __init__(self, cfg: EngineConfig) -> None:
+    def __init__(self, cfg: EngineConfig, *, layout: Optional[CheckpointLayout] = None) -> None:
         self.cfg = cfg.validate()
         self.device = resolve_device(cfg.device)
         prepare_device(self.device)
         self.dtype = resolve_dtype(cfg.dtype)
         self.vae_dtype = resolve_dtype(cfg.vae_dtype)
-        self.layout = preflight_checkpoint(cfg.ckpt_dir, cfg.component_overrides(), cfg.dit_config)
+        self.layout = layout if layout is not None else preflight_checkpoint(cfg.ckpt_dir, cfg.component_overrides(),
+                                                                              cfg.dit_config)
         self.adapter_plans = self.plan_adapters()  # every adapter checked before any expert loads
         # This engine's own kernels, bound around its work (`kernels.using_own_kernels`): another
         # engine in the process, with another backend, cannot switch them.

@@ -37,6 +37,7 @@ class RunPlan:
     frame_size: tuple  # (width, height)
     timings: Dict[str, float] = field(default_factory=dict)  # stages before the engine (check inputs, read image)
     source_notes: tuple = ()  # component options that beat the --ckpt-dir's (shown at --verbose)
+    layout: object = None  # the checked `io.checkpoint.CheckpointLayout`, handed to the engine
 
 
 def check_parallel_layout(cfg: EngineConfig, num_heads: int) -> None:
@@ -133,7 +134,8 @@ def preflight_run(cfg: EngineConfig, opts: GenerationOptions, image_path, out: O
             from .memory_check import check_memory
 
             check_memory(cfg, opts, frame_size, layout, expert_config, resolve_device(cfg.device))
-    return RunPlan(cfg, opts, image, out, metrics_json, frame_size, dict(timer.seconds), source_notes=layout.notes)
+    return RunPlan(cfg, opts, image, out, metrics_json, frame_size, dict(timer.seconds), source_notes=layout.notes,
+                   layout=layout)
 
 
 def run_i2v(plan: RunPlan, say: Callable[..., None] = lambda message, level=1: print(message)) -> Path:
@@ -158,7 +160,8 @@ def run_i2v(plan: RunPlan, say: Callable[..., None] = lambda message, level=1: p
         from .engine import Engine
         from .parallel import is_writer, make_engine
 
-    engine = make_engine(plan.cfg) if plan.cfg.distributed else Engine(plan.cfg)
+    # the checkpoint the preflight checked: its headers are not read again
+    engine = make_engine(plan.cfg, plan.layout) if plan.cfg.distributed else Engine(plan.cfg, layout=plan.layout)
     say(f"engine: device {engine.device}, dtype {plan.cfg.dtype}, kernels {engine.kernel_backend}, "
         f"offload {'on' if engine.offload else 'off'}, loaded in {engine.load_timer.total:.1f} s", level=2)
     for line in getattr(engine, "adapter_report", ()):

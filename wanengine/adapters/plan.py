@@ -159,14 +159,12 @@ def plan_adapters(specs: Sequence[LoraSpec], expert_shapes: Mapping[str, Mapping
 
 
 def checkpoint_expert_shapes(layout) -> Dict[str, Dict[str, Tuple[int, ...]]]:
-    """Each expert's tensor names and shapes in the model's naming, from the headers -- 8-bit
-    experts included (their weights keep the model's names and shapes; scales are set aside)."""
-    from ..io.checkpoint import EXPERTS
-    from ..quant.loading import inspect_expert_8bit
-
-    return {name: {r.name: r.shape for r in inspect_expert_8bit(layout.expert(name),
-                                                                config_file=layout.dit_config).plan.records}
-            for name in EXPERTS}
+    """Each expert's tensor names and shapes in the model's naming -- 8-bit experts included
+    (their weights keep the model's names and shapes; scales are set aside) -- as the preflight
+    read them from the headers (`io.checkpoint.preflight_checkpoint`, `expert_shapes`)."""
+    if not layout.expert_shapes:
+        raise ValueError("adapters are planned against a checked layout (io.checkpoint.preflight_checkpoint)")
+    return layout.expert_shapes
 
 
 def plan_checkpoint_adapters(specs: Sequence[LoraSpec], layout) -> Dict[str, List[AdapterPlan]]:

@@ -83,13 +83,16 @@ class CheckpointLayout:
 
     `root`/`kind`: the `--ckpt-dir` and its layout ("released" or "diffusers"), if given;
     `notes`: overrides that beat a directory's component (shown at --verbose);
-    `dit_configs`: each expert's configuration (from config.json, --dit-config or shapes)."""
+    `dit_configs`: each expert's configuration (from config.json, --dit-config or shapes);
+    `expert_shapes`: each expert's tensor names and shapes in the model's naming (8-bit scales
+    set aside), what adapters are planned against -- both filled by `preflight_checkpoint`."""
 
     root: Optional[Path]
     kind: Optional[str]
     components: Dict[str, Component]
     dit_config: Optional[Path] = None
     dit_configs: Dict[str, "DiTConfig"] = field(default_factory=dict)
+    expert_shapes: Dict[str, Dict[str, Tuple[int, ...]]] = field(default_factory=dict)
     notes: Tuple[str, ...] = ()
 
     @property
@@ -202,11 +205,12 @@ def _inspect(layout: CheckpointLayout) -> CheckpointLayout:
     from ..quant.loading import inspect_expert_8bit, open_t5
 
     components = dict(layout.components)
-    configs = {}
+    configs, shapes = {}, {}
     for name in EXPERTS:
         part = components[name]
         plan = inspect_expert_8bit(part.path, config_file=layout.dit_config).plan
         configs[name] = plan.config
+        shapes[name] = {record.name: tuple(record.shape) for record in plan.records}
         components[name] = replace(part, layout=plan.layout)
     for name, opener in (("t5", open_t5), ("vae", open_vae)):
         part = components[name]
@@ -218,7 +222,8 @@ def _inspect(layout: CheckpointLayout) -> CheckpointLayout:
     if not part.path.is_file():
         raise CheckpointError(f"{part.path}: tokenizer not found (a {SPM_FILE} file or a directory holding one)")
     components["tokenizer"] = replace(part, layout="sentencepiece model")
-    return CheckpointLayout(layout.root, layout.kind, components, layout.dit_config, configs, layout.notes)
+    return CheckpointLayout(layout.root, layout.kind, components, layout.dit_config, dit_configs=configs,
+                            expert_shapes=shapes, notes=layout.notes)
 
 
 def preflight_checkpoint(ckpt_dir: Optional[Union[str, "os.PathLike[str]"]] = None,

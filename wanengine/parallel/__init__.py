@@ -26,11 +26,12 @@ def is_writer() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def make_engine(cfg):
-    """The engine for this rank of a torchrun job (`cfg.distributed` is true)."""
+def make_engine(cfg, layout=None):
+    """The engine for this rank of a torchrun job (`cfg.distributed` is true); `layout`: the
+    checkpoint as the preflight checked it (see `Engine`)."""
     from .engine import ParallelEngine
 
-    return ParallelEngine(cfg)
+    return ParallelEngine(cfg, layout=layout)
 
 
 __all__ = ["is_writer", "make_engine"]

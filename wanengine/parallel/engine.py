@@ -50,7 +50,7 @@ class ParallelEngine(Engine):
     """`Engine` for one rank of a `torchrun --nproc_per_node=cfg_size*ulysses_size` job.
     Every rank must construct it and call `generate` with the same arguments."""
 
-    def __init__(self, cfg: EngineConfig) -> None:
+    def __init__(self, cfg: EngineConfig, layout=None) -> None:
         cfg = cfg.validate()
         device_type = resolve_device(cfg.device).type
         if cfg.dit_fsdp and cfg.offload_model:
@@ -83,7 +83,7 @@ class ParallelEngine(Engine):
             changes["device"] = str(self.parallel.device)
         if cfg.dit_fsdp and cfg.offload_model is None:
             changes["offload_model"] = False  # shards stay on the device; swapping them buys nothing
-        super().__init__(replace(cfg, **changes))
+        super().__init__(replace(cfg, **changes), layout=layout)
         self.load_timer.add("join process group", joined, first=True)
 
     # ------------------------------------------------------------------ loading

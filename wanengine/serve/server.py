@@ -30,8 +30,9 @@ def check_serve_extra() -> None:
                              "pip install 'wanengine[serve]'")
 
 
-def preflight_engine(cfg: EngineConfig) -> None:
-    """The CLI's engine checks: options, checkpoint layout, parallel layout, adapters; no weights read."""
+def preflight_engine(cfg: EngineConfig):
+    """The CLI's engine checks: options, checkpoint layout, parallel layout, adapters; no weights
+    read. Returns the checked checkpoint layout (for `load_engine`)."""
     from ..io.checkpoint import EXPERTS, preflight_checkpoint
     from ..run import check_parallel_layout
 
@@ -41,6 +42,7 @@ def preflight_engine(cfg: EngineConfig) -> None:
     from ..adapters.plan import plan_checkpoint_adapters
 
     plan_checkpoint_adapters(cfg.loras, layout)  # every adapter against the experts' shapes, headers only
+    return layout
 
 
 def check_settings(settings: ServiceSettings, host: str, port: int) -> None:
@@ -102,7 +104,7 @@ def serve(cfg: EngineConfig, settings: ServiceSettings, host: str = "127.0.0.1",
     from ..parallel import is_writer
 
     check_serve_extra()
-    preflight_engine(cfg)
+    layout = preflight_engine(cfg)
     writer = is_writer()
     if writer:  # the other ranks neither bind nor write
         check_settings(settings, host, port)
@@ -110,7 +112,7 @@ def serve(cfg: EngineConfig, settings: ServiceSettings, host: str = "127.0.0.1",
         if host not in LOOPBACK and not settings.api_key:
             say(f"warning: --host {host} without --api-key: anyone who can reach this port can submit jobs")
     with (output_dir_lock(settings.output_dir) if writer else contextlib.nullcontext()):
-        engine = load_engine(cfg)
+        engine = load_engine(cfg, layout)
         if writer:
             say(f"engine: device {engine.device}, dtype {cfg.dtype}, kernels {engine.kernel_backend}, "
                 f"loaded in {engine.load_timer.total:.1f} s")
@@ -124,14 +126,14 @@ def serve(cfg: EngineConfig, settings: ServiceSettings, host: str = "127.0.0.1",
         return run_http(engine, settings, host, port, channel=channel)
 
 
-def load_engine(cfg: EngineConfig):
+def load_engine(cfg: EngineConfig, layout=None):
     from dataclasses import replace
 
     from ..engine import Engine
     from ..parallel import make_engine
 
     cfg = replace(cfg, progress=False)  # no progress bars in a server; progress is in the job records
-    return make_engine(cfg) if cfg.distributed else Engine(cfg)
+    return make_engine(cfg, layout) if cfg.distributed else Engine(cfg, layout=layout)
 
 
 def run_http(engine, settings: ServiceSettings, host: str, port: int, channel) -> None:
