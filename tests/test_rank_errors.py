@@ -61,3 +61,25 @@ def test_under_torchrun_a_usage_error_is_printed_once(tmp_path):
     assert result.returncode != 0
     assert result.stderr.count(MESSAGE) == 1, result.stderr[-3000:]
     assert "rank 1: error" not in result.stderr
+
+
+@pytest.mark.slow
+def test_under_torchrun_an_error_after_joining_the_group_is_printed_once_and_at_once(golden, tmp_path):
+    """Every rank fails after the process group is joined (the npu kernels asked for on a CPU
+    host): rank 0 prints, and does not wait at the final barrier for ranks that wait for it."""
+    from test_parallel_e2e import free_port, torchrun_command
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1", WANENGINE_RANK_ERROR_GRACE_S="60")
+    started = time.monotonic()
+    result = subprocess.run([*torchrun_command(), "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                             f"--master_port={free_port()}", "-m", "wanengine.cli", "i2v", "--ckpt-dir",
+                             str(golden / "ckpt"), "--image", str(golden / "input.png"), "--prompt", "p", "--size",
+                             "64*48", "--frame-num", "1", "--sample-steps", "1", "--ulysses-size", "2", "--device",
+                             "cpu", "--kernel-backend", "npu", "--out", str(tmp_path / "x.mp4")],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and time.monotonic() - started < 50  # not the 60 s grace
+    assert "wanengine: join process group" in result.stderr  # the error came after the group was joined
+    assert result.stderr.count("torch_npu is not importable") == 1, result.stderr[-3000:]
+    assert "--kernel-backend: npu: torch_npu is not importable" in result.stderr
+    assert not (tmp_path / "x.mp4").exists()

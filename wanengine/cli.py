@@ -32,7 +32,7 @@ from .cli_runtime_options import (ADAPTERS as FEWSTEP, STEP_CACHE, cache_max_ski
 from .cli_weights import (ckpt_dir_option, dit_config_option, high_noise_option, low_noise_option,  # noqa: E402
                           t5_option, tokenizer_option, vae_option, weight_sources)
 from .errors import UserInputError  # noqa: E402
-from .runtime_env import is_lead_rank  # noqa: E402
+from .runtime_env import is_lead_rank, mark_failed  # noqa: E402
 
 
 class _PlainHelpFlag:
@@ -82,6 +82,7 @@ def fail(message: str, code: int) -> None:
     """One error line, then exit `code`. In a torchrun job rank 0 prints it; the other ranks
     wait for rank 0 to end the job and leave quietly, printing theirs only when rank 0 does
     not (`rank_errors`; at once with --verbose)."""
+    mark_failed()  # no final barrier with the other ranks (parallel.groups.shutdown)
     if is_lead_rank():
         print(f"wanengine: error: {message}", file=sys.stderr, flush=True)
     else:

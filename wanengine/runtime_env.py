@@ -21,6 +21,21 @@ def ascend_environment_defaults() -> None:
         os.environ.setdefault(key, value)
 
 
+_failed = False
+
+
+def mark_failed() -> None:
+    """This process is leaving with an error: the other ranks may never reach a final barrier
+    (`parallel.groups.shutdown` then skips it; rank 0 would otherwise wait on a rank that
+    waits for it -- see `rank_errors`)."""
+    global _failed
+    _failed = True
+
+
+def failed() -> bool:
+    return _failed
+
+
 def is_lead_rank() -> bool:
     """False on ranks 1.. of a torchrun job (they leave messages to rank 0), True otherwise."""
     return os.environ.get("RANK", "0") in ("", "0")

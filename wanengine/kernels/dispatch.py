@@ -98,7 +98,8 @@ def resolve_backend(name: Optional[str], device: DeviceLike = None) -> str:
     name = requested_backend(name)
     device_type = _device_type(device)
     if name == "npu" and not _torch_npu_importable():
-        raise ConfigError("kernel_backend=npu: torch_npu is not importable (install the 'npu' extra on an Ascend host)")
+        raise InvalidArgument("kernel_backend", "npu: torch_npu is not importable (install the 'npu' extra on an "
+                                                "Ascend host)")
     if name == "auto":
         name = "npu" if device_type == "npu" and _torch_npu_importable() else "torch"
     if name in ("torch", "cuda"):

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import ConfigError
+from ..runtime_env import failed
 
 BACKEND_BY_DEVICE = {"npu": "hccl", "cuda": "nccl", "cpu": "gloo"}
 
@@ -175,10 +176,13 @@ def shutdown() -> None:
     """Leave the process group (call once at the end of a run). The ranks first meet at a
     barrier, so none tears its connections down while another (rank 0 writing the video) is
     still using the group: a rank leaving early made gloo abort at exit now and then
-    ("terminate called without an active exception")."""
+    ("terminate called without an active exception"). A process leaving with an error
+    (`runtime_env.failed`) skips the barrier: its peers may be failing elsewhere, or waiting
+    for it to end the job."""
     if dist.is_initialized():
-        try:
-            dist.barrier()
-        except Exception:  # a peer is already gone: nothing left to wait for
-            pass
+        if not failed():
+            try:
+                dist.barrier()
+            except Exception:  # a peer is already gone: nothing left to wait for
+                pass
         dist.destroy_process_group()
